@@ -1,0 +1,1 @@
+"""Generated from protos/weightshare/v1 by `make proto`; do not edit."""
