@@ -1,0 +1,51 @@
+"""The `weightshare` command: one entry point, one subcommand per job.
+
+Run as: weightshare --help   (or python -m weightshare.cli --help)
+Each subcommand lives in its own module, which exposes `add_arguments(parser)` and `run(args) -> int`;
+modules are imported only when their subcommand runs, so `--help` stays fast and needs no vLLM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). Order is the order shown by --help.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "make-tiny-model": ("weightshare.tiny_model", "build a small random model + tokenizer with save_pretrained"),
+    "serve": ("inference_side.serve", "run vLLM's OpenAI server with the weight-export gRPC service"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="weightshare",
+        description="Train a model while vLLM serves it, on the same memory, with no weight copy.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        # Subcommand arguments are added lazily (see main) so --help needs no heavy imports.
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        name = argv[0]
+        module_name, help_text = SUBCOMMANDS[name]
+        module = importlib.import_module(module_name)
+        parser = argparse.ArgumentParser(prog=f"weightshare {name}", description=help_text)
+        module.add_arguments(parser)
+        args, extra = parser.parse_known_args(argv[1:])
+        if extra and not getattr(module, "ACCEPTS_EXTRA_ARGS", False):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.extra_args = extra
+        return int(module.run(args) or 0)
+    build_parser().parse_args(argv)  # prints help or a usage error
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
