@@ -1,0 +1,93 @@
+"""`weightshare serve MODEL --grpc ADDRESS [vLLM's own arguments]`: vLLM's OpenAI server + weight export.
+
+One process runs vLLM's own OpenAI-compatible HTTP server unchanged (existing clients keep working)
+with the weightshare worker extension in every worker, and, on the same event loop and engine
+client, WeightExportService on ADDRESS (`unix:///path.sock` by default, or `host:port`).
+Every argument this command does not know is passed to vLLM (`--port`, `--max-model-len`, ...).
+
+Example: weightshare serve ./tiny-qwen3_5 --port 8000 --grpc unix:///tmp/ws.sock --update-mode strict
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+
+import structlog
+
+from weightshare import grpc_util
+from weightshare.logs import configure_logging
+from weightshare.v1 import weight_export_service_pb2 as pb
+
+ACCEPTS_EXTRA_ARGS = True  # the rest goes to vLLM
+WORKER_EXTENSION = "inference_side.worker_extension.WeightShareWorkerExtension"
+log = structlog.get_logger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__.split("\n\n")[1]
+    parser.add_argument("model", help="model directory or name, as for `vllm serve`")
+    parser.add_argument(
+        "--grpc", default=grpc_util.default_socket_address("inference"),
+        help="address of WeightExportService: unix:///path.sock or host:port (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--token", default=os.environ.get("WEIGHTSHARE_TOKEN"),
+        help="require 'authorization: Bearer TOKEN' on every call (default: $WEIGHTSHARE_TOKEN; none). "
+        "Use one whenever ADDRESS is not a unix socket or loopback",
+    )
+    parser.add_argument(
+        "--update-mode", choices=["strict", "concurrent"], default="strict",
+        help="strict: serving pauses at a step boundary during each update; concurrent: never pauses",
+    )
+    parser.add_argument("--log-level", default="INFO", help="weightshare's log level (default: %(default)s)")
+
+
+def _vllm_server_api():
+    """(api_server module, make_arg_parser, validate_parsed_serve_args) for this vLLM version."""
+    try:  # vLLM >= 0.3x: launchers package
+        from vllm.entrypoints.launchers.api_server import entry as api_server
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    except ImportError:  # vLLM 0.26
+        from vllm.entrypoints.openai import api_server
+        from vllm.entrypoints.openai.cli_args import make_arg_parser, validate_parsed_serve_args
+    return api_server, make_arg_parser, validate_parsed_serve_args
+
+
+def run(args: argparse.Namespace) -> int:
+    configure_logging(args.log_level)
+    grpc_util.validate_address(args.grpc)
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from inference_side.export_server import start_export_server
+    from weightshare.vllm_compat import ensure_qwen3_5_registered
+
+    cli_env_setup()  # what `vllm serve` does first (multiprocessing method and the like)
+    ensure_qwen3_5_registered()
+    api_server, make_arg_parser, validate_parsed_serve_args = _vllm_server_api()
+    vllm_parser = make_arg_parser(FlexibleArgumentParser(prog="weightshare serve (vLLM arguments)"))
+    vllm_args = vllm_parser.parse_args(
+        ["--model", args.model, "--worker-extension-cls", WORKER_EXTENSION, *args.extra_args]
+    )
+    validate_parsed_serve_args(vllm_args)
+    mode = pb.UPDATE_MODE_STRICT if args.update_mode == "strict" else pb.UPDATE_MODE_CONCURRENT
+    original_build = api_server.build_async_engine_client
+
+    @contextlib.asynccontextmanager
+    async def build_with_export(*a, **kw):
+        # vLLM's run_server looks this name up at call time: wrapping it puts our gRPC service on the
+        # same loop and engine client as the HTTP server, for exactly the engine's lifetime.
+        async with original_build(*a, **kw) as engine_client:
+            export = await start_export_server(engine_client, args.grpc, args.token, mode)
+            try:
+                yield engine_client
+            finally:
+                await export.stop()
+
+    api_server.build_async_engine_client = build_with_export
+    import uvloop
+
+    uvloop.run(api_server.run_server(vllm_args))
+    return 0

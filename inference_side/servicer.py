@@ -1,0 +1,205 @@
+"""WeightExportService: validates every request, answers from the workers' exports and the coordinator.
+
+Runs in the process that holds vLLM's engine client (the OpenAI server's process, or an `LLM`
+caller). Layout and identity come from each worker through `collective_rpc("weightshare_describe")`
+once at start; handles through `collective_rpc("weightshare_export_handles")` on first request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from dataclasses import dataclass
+
+import grpc
+import structlog
+
+from inference_side.updates import UpdateCoordinator, UpdateError
+from weightshare import CONTRACT_VERSION, shm
+from weightshare.v1 import weight_export_service_pb2 as pb
+from weightshare.v1 import weight_export_service_pb2_grpc as pb_grpc
+
+log = structlog.get_logger(__name__)
+DEFAULT_HANDLE_BATCH = 64
+MAX_HANDLE_BATCH = 4096
+
+
+@dataclass
+class _Session:
+    session_id: str
+    trainer_name: str
+    pid: int
+    attached_at: float
+
+
+class WeightExportServicer(pb_grpc.WeightExportServiceServicer):
+    def __init__(self, engine, coordinator: UpdateCoordinator, describes: list[dict[str, bytes]]):
+        self._engine = engine
+        self._coordinator = coordinator
+        self._infos = [pb.GetModelInfoResponse.FromString(d["info"]) for d in describes]
+        self._layouts = [pb.GetLayoutResponse.FromString(d["layout"]) for d in describes]
+        self._handles: list[pb.StreamHandlesResponse] | None = None
+        self._handles_lock = asyncio.Lock()
+        self._sessions: dict[str, _Session] = {}
+        self.instance_id = self._infos[0].identity.instance_id
+        self.host_id = shm.host_id()
+
+    # -- validation helpers -------------------------------------------------------------------
+    async def _check_rank(self, tp_rank: int, context: grpc.aio.ServicerContext) -> None:
+        if tp_rank >= len(self._infos):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"tp_rank {tp_rank} is out of range: this engine has tp_size {len(self._infos)}",
+            )
+
+    async def _check_session(self, session_id: str, context: grpc.aio.ServicerContext) -> _Session:
+        if not session_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_id is empty: call AttachTrainer first")
+        session = self._sessions.get(session_id)
+        if session is None:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"session_id {session_id!r} is not attached (detached, or the inference side restarted: "
+                f"instance {self.instance_id}); call AttachTrainer again",
+            )
+        return session
+
+    def _identity(self, tp_rank: int = 0):
+        identity = type(self._infos[tp_rank].identity)()
+        identity.CopyFrom(self._infos[tp_rank].identity)
+        identity.weights_version = self._coordinator.stats.weights_version
+        return identity
+
+    def _prune_dead_sessions(self) -> None:
+        for session in list(self._sessions.values()):
+            if session.pid and not os.path.exists(f"/proc/{session.pid}"):
+                del self._sessions[session.session_id]
+                self._coordinator.record_event(
+                    "trainer_gone", f"trainer {session.trainer_name!r} (pid {session.pid}) exited without detaching"
+                )
+
+    # -- RPCs ---------------------------------------------------------------------------------
+    async def GetModelInfo(self, request, context):
+        await self._check_rank(request.tp_rank, context)
+        return pb.GetModelInfoResponse(
+            contract_version=CONTRACT_VERSION, identity=self._identity(request.tp_rank),
+            update_mode=self._coordinator.mode,
+        )
+
+    async def GetLayout(self, request, context):
+        await self._check_rank(request.tp_rank, context)
+        return self._layouts[request.tp_rank]
+
+    async def StreamHandles(self, request, context):
+        await self._check_rank(request.tp_rank, context)
+        await self._check_session(request.session_id, context)
+        if request.batch_size > MAX_HANDLE_BATCH:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"batch_size {request.batch_size} exceeds {MAX_HANDLE_BATCH}; use 0 for the default",
+            )
+        handles = (await self._all_handles(context))[request.tp_rank]
+        batch = request.batch_size or DEFAULT_HANDLE_BATCH
+        sent_storages: set[int] = set()
+        storages = {s.index: s for s in handles.storages}
+        views = list(handles.views)
+        for start in range(0, max(len(views), 1), batch):
+            chunk = views[start : start + batch]
+            needed = sorted({v.storage_index for v in chunk} - sent_storages)
+            sent_storages.update(needed)
+            yield pb.StreamHandlesResponse(
+                storages=[storages[i] for i in needed], views=chunk,
+                total_views=len(views), instance_id=self.instance_id,
+            )
+
+    async def _all_handles(self, context) -> list[pb.StreamHandlesResponse]:
+        async with self._handles_lock:
+            if self._handles is None:
+                try:
+                    blobs = await self._engine.collective_rpc("weightshare_export_handles")
+                except Exception as exc:  # the worker's message says what to change
+                    await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"export failed: {exc}")
+                self._handles = [pb.StreamHandlesResponse.FromString(b) for b in blobs]
+            return self._handles
+
+    async def AttachTrainer(self, request, context):
+        if not request.trainer_name:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "trainer_name is empty: name the trainer")
+        if request.host_id != self.host_id:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"host_id {request.host_id!r} is not this host ({self.host_id}): weight handles only open "
+                "on the machine that serves the model",
+            )
+        if request.expected_instance_id and request.expected_instance_id != self.instance_id:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"expected_instance_id {request.expected_instance_id!r} is stale: the inference side restarted "
+                f"(now {self.instance_id}); drop old handles and attach afresh",
+            )
+        self._prune_dead_sessions()
+        session = _Session(uuid.uuid4().hex, request.trainer_name, request.pid, time.monotonic())
+        self._sessions[session.session_id] = session
+        log.info("trainer attached", trainer=request.trainer_name, pid=request.pid, session=session.session_id)
+        return pb.AttachTrainerResponse(session_id=session.session_id, identity=self._identity())
+
+    async def DetachTrainer(self, request, context):
+        session = await self._check_session(request.session_id, context)
+        await self._coordinator.abandon(session.session_id, "trainer detached with an update open")
+        del self._sessions[session.session_id]
+        log.info("trainer detached", trainer=session.trainer_name, session=session.session_id)
+        return pb.DetachTrainerResponse(remaining_trainers=len(self._sessions))
+
+    async def UpdateWeights(self, request_iterator, context):
+        session_id = ""
+        try:
+            async for request in request_iterator:
+                if session_id and request.session_id != session_id:
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"session_id {request.session_id!r} differs from this stream's {session_id!r}",
+                    )
+                await self._check_session(request.session_id, context)
+                session_id = request.session_id
+                yield await self._apply(request, context)
+        finally:
+            # Runs on clean end, on error and on cancellation (peer gone): never leave vLLM paused.
+            if session_id:
+                await asyncio.shield(self._coordinator.abandon(session_id, "update stream ended"))
+
+    async def _apply(self, request, context) -> pb.UpdateWeightsResponse:
+        action = request.WhichOneof("action")
+        try:
+            if action == "begin":
+                return await self._coordinator.begin(
+                    request.session_id, request.begin.step, request.begin.max_pause_seconds
+                )
+            if action == "commit":
+                return await self._coordinator.commit(request.session_id, request.commit.step)
+            if action == "abort":
+                return await self._coordinator.abort(request.session_id, request.abort.reason)
+        except UpdateError as err:
+            await context.abort(getattr(grpc.StatusCode, err.code_name), str(err))
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT, "UpdateWeightsRequest.action is not set: send begin, commit or abort"
+        )
+
+    async def GetExportStatus(self, request, context):
+        self._prune_dead_sessions()
+        now = time.monotonic()
+        stats = self._coordinator.stats
+        return pb.GetExportStatusResponse(
+            identity=self._identity(), paused=self._coordinator.paused,
+            update_in_progress=self._coordinator.in_progress, update_mode=self._coordinator.mode,
+            trainers=[
+                pb.AttachedTrainer(
+                    session_id=s.session_id, trainer_name=s.trainer_name, pid=s.pid,
+                    attached_seconds=now - s.attached_at,
+                )
+                for s in self._sessions.values()
+            ],
+            events=list(stats.events), commits=stats.commits, aborts=stats.aborts,
+            total_paused_seconds=stats.total_paused_seconds,
+        )

@@ -1,0 +1,174 @@
+"""The update protocol's state machine: begin (pause), commit (new version), abort; one update at a time.
+
+`engine` is vLLM's engine client (`AsyncLLM`, the object behind the OpenAI server), which has
+`pause_generation`, `resume_generation` and `reset_prefix_cache` in vLLM 0.26 and 0.32 alike.
+
+- Strict mode: begin pauses with mode="keep" (queued and running requests freeze at a step boundary
+  and continue later, none fail) and keeps the KV cache; commit bumps the version, resets the prefix
+  cache preempting running requests (so no KV computed with old weights is reused: they recompute),
+  then resumes; abort resumes with the version and cache unchanged.
+- Concurrent mode: no pause; commit bumps the version and resets the prefix cache when it can.
+A watchdog aborts an update whose pause outlasts its limit, and a broken trainer stream aborts its
+update at once, so a dead trainer never leaves vLLM paused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from dataclasses import dataclass, field
+
+import structlog
+
+from weightshare.v1 import weight_export_service_pb2 as pb
+
+log = structlog.get_logger(__name__)
+DEFAULT_MAX_PAUSE_SECONDS = 30.0
+
+
+class UpdateError(Exception):
+    """A request that does not fit the protocol's state; `code_name` is the gRPC status to answer with."""
+
+    def __init__(self, code_name: str, message: str):
+        super().__init__(message)
+        self.code_name = code_name
+
+
+@dataclass
+class _Update:
+    session_id: str
+    step: int
+    began_at: float
+    paused: bool
+    watchdog: asyncio.Task | None = None
+
+
+@dataclass
+class UpdateStats:
+    weights_version: int = 0
+    commits: int = 0
+    aborts: int = 0
+    total_paused_seconds: float = 0.0
+    events: collections.deque = field(default_factory=lambda: collections.deque(maxlen=100))
+
+
+class UpdateCoordinator:
+    def __init__(self, engine, mode: int = pb.UPDATE_MODE_STRICT):
+        if mode not in (pb.UPDATE_MODE_STRICT, pb.UPDATE_MODE_CONCURRENT):
+            raise ValueError(f"update mode {mode} is neither STRICT nor CONCURRENT")
+        self._engine = engine
+        self.mode = mode
+        self.stats = UpdateStats()
+        self._update: _Update | None = None
+        self._lock = asyncio.Lock()  # serializes begin/commit/abort against each other and the watchdog
+
+    @property
+    def paused(self) -> bool:
+        return self._update is not None and self._update.paused
+
+    @property
+    def in_progress(self) -> bool:
+        return self._update is not None
+
+    def record_event(self, kind: str, message: str) -> None:
+        self.stats.events.append(pb.ExportEvent(unix_time=time.time(), kind=kind, message=message))
+        log.warning("update event", kind=kind, message=message)
+
+    async def begin(self, session_id: str, step: int, max_pause_seconds: float) -> pb.UpdateWeightsResponse:
+        if max_pause_seconds < 0:
+            raise UpdateError("INVALID_ARGUMENT", f"begin.max_pause_seconds {max_pause_seconds} is negative")
+        async with self._lock:
+            if self._update is not None:
+                owner = "this session" if self._update.session_id == session_id else "another trainer"
+                raise UpdateError(
+                    "FAILED_PRECONDITION",
+                    f"an update (step {self._update.step}) begun by {owner} is still open: commit or abort it",
+                )
+            started = time.monotonic()
+            strict = self.mode == pb.UPDATE_MODE_STRICT
+            if strict:
+                # "keep": freeze in-flight requests at a step boundary; they resume on resume_generation.
+                await self._engine.pause_generation(mode="keep", clear_cache=False)
+            now = time.monotonic()
+            self._update = _Update(session_id, step, now, paused=strict)
+            if strict:
+                limit = max_pause_seconds or DEFAULT_MAX_PAUSE_SECONDS
+                self._update.watchdog = asyncio.create_task(self._watchdog(self._update, limit))
+            return pb.UpdateWeightsResponse(
+                phase=pb.UPDATE_PHASE_BEGUN, weights_version=self.stats.weights_version, step=step,
+                pause_wait_seconds=now - started, mode=self.mode,
+            )
+
+    async def commit(self, session_id: str, step: int) -> pb.UpdateWeightsResponse:
+        async with self._lock:
+            update = self._owned_update(session_id, "commit")
+            self.stats.weights_version += 1
+            self.stats.commits += 1
+            strict = self.mode == pb.UPDATE_MODE_STRICT
+            reset = await self._engine.reset_prefix_cache(reset_running_requests=strict)
+            if not reset:
+                self.record_event(
+                    "prefix_cache_not_reset",
+                    f"version {self.stats.weights_version}: blocks in use, cached prefixes may predate it",
+                )
+            paused_seconds = await self._finish(update)
+            log.info("update committed", version=self.stats.weights_version, step=step, paused_s=paused_seconds)
+            return pb.UpdateWeightsResponse(
+                phase=pb.UPDATE_PHASE_COMMITTED, weights_version=self.stats.weights_version, step=step,
+                paused_seconds=paused_seconds, mode=self.mode,
+            )
+
+    async def abort(self, session_id: str, reason: str) -> pb.UpdateWeightsResponse:
+        async with self._lock:
+            update = self._owned_update(session_id, "abort")
+            return await self._abort_locked(update, "trainer_abort", reason or "aborted by trainer")
+
+    async def abandon(self, session_id: str, why: str) -> bool:
+        """The trainer's stream ended: abort its open update, if any. Returns True if one was open."""
+        async with self._lock:
+            update = self._update
+            if update is None or update.session_id != session_id:
+                return False
+            await self._abort_locked(update, "stream_broken_while_paused" if update.paused else "stream_broken", why)
+            return True
+
+    async def shutdown(self) -> None:
+        async with self._lock:
+            if self._update is not None:
+                await self._abort_locked(self._update, "server_shutdown", "inference side shutting down")
+
+    def _owned_update(self, session_id: str, action: str) -> _Update:
+        if self._update is None:
+            raise UpdateError("FAILED_PRECONDITION", f"{action} without an open update: send begin first")
+        if self._update.session_id != session_id:
+            raise UpdateError("FAILED_PRECONDITION", f"{action}: the open update belongs to another trainer")
+        return self._update
+
+    async def _abort_locked(self, update: _Update, kind: str, reason: str) -> pb.UpdateWeightsResponse:
+        self.stats.aborts += 1
+        paused_seconds = await self._finish(update)
+        if kind != "trainer_abort":
+            self.record_event(kind, f"update of step {update.step} aborted after {paused_seconds:.3f}s: {reason}")
+        return pb.UpdateWeightsResponse(
+            phase=pb.UPDATE_PHASE_ABORTED, weights_version=self.stats.weights_version, step=update.step,
+            paused_seconds=paused_seconds, mode=self.mode,
+        )
+
+    async def _finish(self, update: _Update) -> float:
+        """Resume serving (strict) and close the update; returns how long serving was paused."""
+        self._update = None
+        if update.watchdog is not None and update.watchdog is not asyncio.current_task():
+            update.watchdog.cancel()
+        if not update.paused:
+            return 0.0
+        await self._engine.resume_generation()
+        paused_seconds = time.monotonic() - update.began_at
+        self.stats.total_paused_seconds += paused_seconds
+        return paused_seconds
+
+    async def _watchdog(self, update: _Update, limit: float) -> None:
+        await asyncio.sleep(limit)
+        async with self._lock:
+            if self._update is update:
+                await self._abort_locked(update, "pause_timeout", f"paused longer than {limit:.1f}s")

@@ -1,0 +1,156 @@
+"""vLLM worker extension: makes each worker's live weights exportable without a copy.
+
+Use as `vllm serve ... --worker-extension-cls inference_side.worker_extension.WeightShareWorkerExtension`
+or `LLM(..., worker_extension_cls=...)`; `weightshare serve` sets it for you. vLLM imports this module
+inside each worker before the model loads, so the module-level set-up below takes effect there:
+
+- CPU: vLLM's weight repacking is disabled (`cpu_repack`), and right after the model loads, before
+  warm-up, every parameter is moved into one named shared-memory file and re-pointed there.
+- GPU: nothing changes; handles are CUDA IPC handles of vLLM's own parameter storage. Memory modes
+  that break CUDA IPC (sleep mode / cumem, expandable segments) are refused when exporting.
+
+The methods are called from the API-server process through `engine_client.collective_rpc(name)`;
+they return serialized protobuf messages (bytes), which cross vLLM's IPC unchanged.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import structlog
+import torch
+
+from inference_side import cpu_repack, cuda_ipc, shm_export
+from inference_side.layout import derive_layout, engine_tensors_to_proto, layout_to_proto
+from weightshare import shm
+from weightshare.dtypes import to_proto_dtype
+from weightshare.v1 import tensors_pb2, weight_export_service_pb2
+
+log = structlog.get_logger(__name__)
+
+# One id per worker process: names its shared-memory file and becomes the exporter's instance id,
+# so a trainer can tell handles of a restarted vLLM from current ones.
+EXPORT_ID = uuid.uuid4().hex[:16]
+
+
+def _is_cpu_platform() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def _install_cpu_hooks() -> None:
+    """Disable repacking and move weights to shared memory right after `load_model`, before warm-up."""
+    from vllm.distributed import get_tensor_model_parallel_rank
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+    cpu_repack.install()
+    if getattr(CPUModelRunner.load_model, "weightshare_wrapped", False):
+        return
+    original_load_model = CPUModelRunner.load_model
+
+    def load_model(self, *args, **kwargs):
+        original_load_model(self, *args, **kwargs)
+        self.weightshare_shared_file = shm_export.move_to_shared_memory(
+            self.get_model(), EXPORT_ID, get_tensor_model_parallel_rank()
+        )
+
+    load_model.weightshare_wrapped = True  # type: ignore[attr-defined]
+    CPUModelRunner.load_model = load_model
+
+
+if _is_cpu_platform():
+    shm_export.remove_stale_files()
+    _install_cpu_hooks()
+
+
+class WeightShareWorkerExtension:
+    """Mixed into vLLM's worker class. NOTE: method names carry a `weightshare_` prefix because vLLM
+    refuses extension attributes that collide with the worker's own."""
+
+    def weightshare_describe(self) -> dict[str, bytes]:
+        """This worker's serialized `GetModelInfoResponse` ("info") and `GetLayoutResponse` ("layout")."""
+        model = self.model_runner.get_model()
+        model_config = self.vllm_config.model_config
+        parallel = self.vllm_config.parallel_config
+        from vllm import __version__ as vllm_version
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        hf_config = model_config.hf_config
+        device_kind = tensors_pb2.DEVICE_KIND_CPU if _is_cpu_platform() else tensors_pb2.DEVICE_KIND_CUDA
+        identity = tensors_pb2.ModelIdentity(
+            architecture=(hf_config.architectures or [type(model).__name__])[0],
+            hf_config_json=hf_config.to_json_string(use_diff=False),
+            model=str(model_config.model),
+            dtype=to_proto_dtype(model_config.dtype),
+            tp_rank=get_tensor_model_parallel_rank(),
+            tp_size=parallel.tensor_parallel_size,
+            device_kind=device_kind,
+            device_uuid=(
+                cuda_ipc.device_uuid(next(model.parameters()).device)
+                if device_kind == tensors_pb2.DEVICE_KIND_CUDA
+                else ""
+            ),
+            host_id=shm.host_id(),
+            instance_id=EXPORT_ID,
+            engine_version=vllm_version,
+        )
+        parameters, engine_tensors = derive_layout(model, hf_config)
+        unavailable = cpu_repack.packed_conv_weights(model) if _is_cpu_platform() else {}
+        for name in cpu_repack.repacked_linear_weights(model):
+            unavailable[name] = "vLLM repacked this weight into a kernel-private format and emptied it"
+        for entry in parameters:
+            blocked = [unavailable[s.engine_tensor] for s in entry.slices if s.engine_tensor in unavailable]
+            if blocked and entry.zero_copy:
+                entry.zero_copy = False
+                entry.not_zero_copy_reason = blocked[0]
+        info = weight_export_service_pb2.GetModelInfoResponse(identity=identity)
+        layout = weight_export_service_pb2.GetLayoutResponse(
+            parameters=layout_to_proto(parameters),
+            engine_tensors=engine_tensors_to_proto(engine_tensors),
+            instance_id=EXPORT_ID,
+        )
+        return {"info": info.SerializeToString(), "layout": layout.SerializeToString()}
+
+    def weightshare_export_handles(self) -> bytes:
+        """Serialized `StreamHandlesResponse` holding every storage and view of this worker."""
+        model = self.model_runner.get_model()
+        if _is_cpu_platform():
+            shared = getattr(self.model_runner, "weightshare_shared_file", None)
+            if shared is None:
+                raise RuntimeError(
+                    "weights are not in shared memory: the weightshare worker extension was not imported "
+                    "before the model loaded (pass it as worker_extension_cls at engine start)"
+                )
+            storages = [
+                tensors_pb2.StorageHandle(
+                    index=0,
+                    shared_memory=tensors_pb2.SharedMemoryHandle(path=shared.path, size_bytes=shared.size_bytes),
+                )
+            ]
+            self._weightshare_check_still_shared(model, shared)
+            views = [
+                tensors_pb2.TensorView(
+                    engine_tensor=t.name, storage_index=0, byte_offset=t.byte_offset,
+                    shape=list(t.shape), strides=list(t.strides), dtype=to_proto_dtype(t.dtype),
+                )
+                for t in shared.tensors
+            ]
+        else:
+            blockers = cuda_ipc.sharing_blockers(bool(self.vllm_config.model_config.enable_sleep_mode))
+            if blockers:
+                raise RuntimeError("cannot export weights: " + "; ".join(blockers))
+            storages, views = cuda_ipc.export_handles(model)
+        response = weight_export_service_pb2.StreamHandlesResponse(
+            storages=storages, views=views, total_views=len(views), instance_id=EXPORT_ID
+        )
+        return response.SerializeToString()
+
+    def _weightshare_check_still_shared(self, model: torch.nn.Module, shared: shm_export.SharedFile) -> None:
+        """Every parameter must still point into the shared file: something re-bound it otherwise."""
+        params = dict(shm_export.unique_parameters(model))
+        for t in shared.tensors:
+            p = params.get(t.name)
+            if p is None or p.data_ptr() != shared.base_ptr + t.byte_offset:
+                raise RuntimeError(f"engine parameter {t.name} no longer lives in {shared.path}: something re-bound it")
+

@@ -1,0 +1,127 @@
+"""gRPC plumbing shared by both services: addresses, server options, auth, health and reflection.
+
+Addresses are `unix:///path/to.sock` (the default: handles only make sense on one host) or
+`host:port`. A bearer token, when configured, is required in the `authorization` metadata of
+every call except health checks and reflection, which ops tools use unauthenticated.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from collections.abc import Awaitable, Callable, Iterable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+# Layouts of big models run to ~1 MB and handle batches are bounded, but leave generous room.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # Keepalive lets each side notice a dead peer on an idle update stream within seconds.
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+SERVER_OPTIONS = CHANNEL_OPTIONS + [
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+]
+_UNAUTHENTICATED_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+def default_socket_address(name: str) -> str:
+    """`unix://` address under $XDG_RUNTIME_DIR (or /tmp) for the service called `name`."""
+    base = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
+    return f"unix://{os.path.join(base, f'weightshare-{name}.sock')}"
+
+
+def validate_address(address: str) -> str:
+    """Return `address` if it is `unix:///abs/path` or `host:port`, else raise ValueError saying why."""
+    if address.startswith("unix://"):
+        path = address[len("unix://"):]
+        if not path.startswith("/"):
+            raise ValueError(f"unix socket address {address!r} must be absolute: unix:///path/to.sock")
+        return address
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"address {address!r} is neither unix:///path nor host:port")
+    return address
+
+
+def remove_stale_socket(address: str) -> None:
+    """A previous server that crashed leaves its socket file behind; binding would fail on it."""
+    if address.startswith("unix://"):
+        path = address[len("unix://"):]
+        if os.path.exists(path):
+            os.unlink(path)
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Rejects calls whose `authorization` metadata is not `Bearer <token>` (health/reflection exempt)."""
+
+    def __init__(self, token: str):
+        self._expected = f"Bearer {token}".encode()
+
+        async def deny(request, context: grpc.aio.ServicerContext):
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing or wrong bearer token: send metadata 'authorization: Bearer <token>' "
+                "(the server's --token / WEIGHTSHARE_TOKEN)",
+            )
+
+        self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        if details.method.startswith(_UNAUTHENTICATED_SERVICES):
+            return await continuation(details)
+        supplied = dict(details.invocation_metadata or ()).get("authorization", "")
+        if hmac.compare_digest(supplied.encode(), self._expected):
+            return await continuation(details)
+        return self._deny_unary
+
+
+def create_server(token: str | None) -> grpc.aio.Server:
+    interceptors = [BearerTokenInterceptor(token)] if token else []
+    return grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
+
+
+def add_health_and_reflection(
+    server: grpc.aio.Server, service_names: Iterable[str]
+) -> health.aio.HealthServicer:
+    """Registers grpc.health.v1 (every service SERVING) and server reflection; returns the health servicer."""
+    names = list(service_names)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(names + [health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    return health_servicer
+
+
+async def mark_serving(health_servicer: health.aio.HealthServicer, service_names: Iterable[str]) -> None:
+    for name in ["", *service_names]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+
+def bind(server: grpc.aio.Server, address: str) -> str:
+    """Binds insecurely (loopback or unix socket) and returns the bound address (port 0 resolved)."""
+    validate_address(address)
+    remove_stale_socket(address)
+    port = server.add_insecure_port(address)
+    if address.startswith("unix://"):
+        return address
+    host = address.rpartition(":")[0]
+    return f"{host}:{port}"
+
+
+def call_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def open_channel(address: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(validate_address(address), options=CHANNEL_OPTIONS)
