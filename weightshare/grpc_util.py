@@ -125,3 +125,8 @@ def call_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
 
 def open_channel(address: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(validate_address(address), options=CHANNEL_OPTIONS)
+
+
+def open_sync_channel(address: str) -> grpc.Channel:
+    """Blocking channel (the trainer's torch loop is synchronous)."""
+    return grpc.insecure_channel(validate_address(address), options=CHANNEL_OPTIONS)
