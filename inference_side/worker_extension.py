@@ -25,6 +25,7 @@ from inference_side.layout import derive_layout, engine_tensors_to_proto, layout
 from weightshare import shm
 from weightshare.dtypes import to_proto_dtype
 from weightshare.v1 import tensors_pb2, weight_export_service_pb2
+from weightshare.vllm_compat import ensure_qwen3_5_registered
 
 log = structlog.get_logger(__name__)
 
@@ -59,6 +60,7 @@ def _install_cpu_hooks() -> None:
     CPUModelRunner.load_model = load_model
 
 
+ensure_qwen3_5_registered()  # the EngineCore process resolves the model class too
 if _is_cpu_platform():
     shm_export.remove_stale_files()
     _install_cpu_hooks()

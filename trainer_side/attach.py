@@ -60,6 +60,12 @@ class AttachedWeights:
             return blocks[0]
         return torch.cat(blocks, dim=entry.slices[0].dim)
 
+    def update_stream(self):
+        """A new UpdateWeights stream for this session (see trainer_side.update_client)."""
+        from trainer_side.update_client import UpdateStream
+
+        return UpdateStream(self.stub, self.session_id, self.metadata)
+
     def close(self) -> None:
         try:
             self.stub.DetachTrainer(pb.DetachTrainerRequest(session_id=self.session_id), metadata=self.metadata)
