@@ -97,7 +97,7 @@ class UpdateCoordinator:
                 self._update.watchdog = asyncio.create_task(self._watchdog(self._update, limit))
             return pb.UpdateWeightsResponse(
                 phase=pb.UPDATE_PHASE_BEGUN, weights_version=self.stats.weights_version, step=step,
-                pause_wait_seconds=now - started, mode=self.mode,
+                pause_wait_seconds=(now - started) if strict else 0.0, mode=self.mode,
             )
 
     async def commit(self, session_id: str, step: int) -> pb.UpdateWeightsResponse:

@@ -31,7 +31,7 @@ CPU_SERVE_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "VLLM_LOGGING_LEVEL": "WARNING",
 }
-CPU_SERVE_ARGS = ["--max-model-len", "512", "--max-num-seqs", "16", "--enforce-eager", "--dtype", "auto"]
+CPU_SERVE_ARGS = ["--max-model-len", "512", "--max-num-seqs", "16", "--enforce-eager"]
 
 
 def free_port() -> int:
