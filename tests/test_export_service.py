@@ -19,9 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from trainer_side.attach import AttachError, attach
+from tests.weight_checks import assert_rebuilds_checkpoint
 from weightshare import grpc_util, shm
 from weightshare.processes import CPU_SERVE_ARGS, ServedModel
 from weightshare.v1 import weight_export_service_pb2 as pb
@@ -54,32 +54,6 @@ def qwen3_fp32_server(tiny_model_path, tmp_path_factory):
 
 def stub_for(served: ServedModel) -> pb_grpc.WeightExportServiceStub:
     return pb_grpc.WeightExportServiceStub(grpc_util.open_sync_channel(served.grpc_address))
-
-
-def expected_tensors(model_dir) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for f in sorted(model_dir.glob("*.safetensors")):
-        tensors.update(load_file(f))
-    return tensors
-
-
-def assert_rebuilds_checkpoint(weights, model_dir) -> None:
-    """Every HF parameter rebuilt from layout + handles equals the checkpoint, bit for bit."""
-    expected = expected_tensors(model_dir)
-    checked = 0
-    for name, entry in weights.layout.items():
-        if entry.tied_to and name not in expected:
-            name_for_file = entry.tied_to
-        else:
-            name_for_file = name
-        assert entry.zero_copy, f"{name}: {entry.not_zero_copy_reason}"
-        rebuilt = weights.hf_tensor(name)
-        reference = expected[name_for_file]
-        assert tuple(rebuilt.shape) == tuple(reference.shape), name
-        # Exact: A_log is float32 in vLLM and bf16 on disk, and bf16 -> fp32 is exact.
-        assert torch.equal(rebuilt.to(reference.dtype), reference), name
-        checked += 1
-    assert checked == len(expected) or checked == len(expected) + 1  # +1: a tied lm_head not on disk
 
 
 def greedy(served: ServedModel) -> tuple[list[str], list[float]]:

@@ -1,0 +1,392 @@
+"""APOLLO / APOLLO-Mini optimizer that writes every update into the parameters' own storage.
+
+APOLLO (Zhu et al., "APOLLO: SGD-like Memory, AdamW-level Performance", arXiv 2412.05270) keeps Adam
+moments only for a random rank-r projection of each weight matrix's gradient and uses them to scale the
+raw gradient, channel by channel (APOLLO) or as a whole (APOLLO-Mini: rank 1, scale 128). The math
+mirrors the official implementation, PyPI `apollo-torch` 1.0.3 (`apollo_torch.APOLLOAdamW`), step for
+step: same seeds, same Gaussian projection drawn on the parameter's device, same refresh every
+`update_proj_gap` steps, same projection side (the shorter side of the matrix is projected away), same
+bias correction, norm-growth limiter (Fira, gamma 1.01) and weight decay applied after the update.
+Groups whose `rank` is None get that class's plain AdamW path.
+
+Deliberate differences from apollo-torch, none of which changes the math:
+- State is float32 whatever the parameter dtype (apollo-torch keeps moments in the gradient's dtype,
+  which loses most of Adam's second moment in bf16); the update is computed in fp32 and rounded once
+  into the parameter's dtype.
+- The projection matrix is regenerated from its seed at every step instead of being stored: the same
+  values, no memory. The current seed and the step counter are plain ints in the state, so
+  `state_dict()` / `load_state_dict()` resume exactly.
+- The norm of the scaled gradient (for the limiter) comes from per-channel norms of the raw gradient
+  rather than from a materialised scaled copy, and a parameter is processed in row chunks of at most
+  `_CHUNK_ELEMS` elements, so fp32 temporaries stay small next to a 5120 x 17408 bf16 matrix.
+  Agreement with apollo-torch is therefore to fp32 rounding, not bit-for-bit.
+- Only apollo-torch's defaults are offered: random projection of type "std", bias correction on,
+  `scale_front=False` (which only moves a constant factor across the limiter's ratio).
+
+NOTE: vLLM's CUDA graphs hold the parameters' addresses, so nothing here ever rebinds `p.data`;
+updates are in-place ops (`addcmul_`, `addcdiv_`, `add_`, `copy_`) on row views of the parameter.
+
+Relies on torch only. Tests: `.venv/bin/python -m pytest tests/test_apollo.py -q`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+# Largest number of elements of a parameter processed at once: bounds each fp32 temporary (a bf16
+# gradient's upcast for the projection, AdamW's denominator, a bf16 parameter's fp32 copy when weight
+# decay follows) to 64 MiB whatever the parameter's size.
+_CHUNK_ELEMS = 1 << 24
+# Added to denominators of norm ratios, as in apollo-torch.
+_NORM_EPS = 1e-8
+_SCALE_TYPES = ("channel", "tensor")
+
+
+def next_seed(seed: int) -> int:
+    """Seed of the projection that follows the one drawn from `seed` (apollo-torch's `next_seed`)."""
+    generator = torch.Generator().manual_seed(seed)
+    # apollo-torch draws 15 (0xF) int64s on a CPU generator and keeps the last.
+    return int(torch.randint(0, torch.iinfo(torch.int64).max, (15,), generator=generator)[-1])
+
+
+def projection(seed: int, shape: tuple[int, int], rank: int, device: torch.device) -> Tensor:
+    """The Gaussian projection of a (rows, cols) gradient, entries N(0, 1/rank), float32.
+
+    Drawn exactly as apollo-torch draws it: a fresh generator on the parameter's device seeded with
+    `seed`. Returns (rank, cols) when rows >= cols (each row is projected: G @ P.T) and (rows, rank)
+    otherwise (each column is projected: P.T @ G).
+    """
+    rows, cols = shape
+    generator = torch.Generator(device=device).manual_seed(seed)
+    size = (rank, cols) if rows >= cols else (rows, rank)
+    return torch.randn(size, generator=generator, device=device, dtype=torch.float32).div_(math.sqrt(rank))
+
+
+def _row_chunks(t: Tensor) -> Iterator[slice]:
+    """Slices along dim 0 of `t` (at least 1-D) covering at most `_CHUNK_ELEMS` elements each."""
+    rows = t.shape[0]
+    step = max(1, _CHUNK_ELEMS // max(1, t[0].numel()))
+    for start in range(0, rows, step):
+        yield slice(start, min(start + step, rows))
+
+
+@contextmanager
+def _update_target(
+    p: Tensor,  # (n, ...) rows of a parameter, any float dtype
+    decay: float,
+) -> Iterator[Tensor]:
+    """Yield the tensor that the caller updates in place with fp32 operands, then apply weight decay.
+
+    That is p itself when p is fp32 or when no decay follows: an in-place op on a bf16 p with fp32
+    tensor operands computes in fp32 and rounds once. Otherwise an fp32 copy of p's rows, decayed and
+    then rounded once into p.
+    """
+    target = p if p.dtype == torch.float32 or decay == 0.0 else p.float()
+    yield target
+    if decay > 0.0:
+        # apollo-torch decays after the step, from the updated weights: p += -lr * wd * p.
+        target.add_(target, alpha=-decay)
+    if target is not p:
+        p.copy_(target)
+
+
+class Apollo(torch.optim.Optimizer):
+    """APOLLO for param groups with `rank` set, AdamW (apollo-torch's flavour) for the others.
+
+    Group settings (each group may override the constructor's defaults):
+        lr, betas, eps, weight_decay: as in AdamW; weight decay is decoupled and applied after the step.
+        rank: None for AdamW; else the projection rank r >= 1 (APOLLO 256, APOLLO-Mini 1). Every
+            parameter of such a group must be 2-D.
+        update_proj_gap: draw a new projection every this many steps of the parameter (T = 200).
+        scale: the scaled gradient is multiplied by sqrt(scale) (APOLLO 1, APOLLO-Mini 128).
+        scale_type: "channel" (one factor per row or column along the longer side) or "tensor".
+        norm_growth_limit: gamma of the norm-growth limiter (1.01), or None to turn it off.
+    `seed` offsets the projection seeds: parameter number i (1-based, over all groups in order) starts
+    from seed + i, so seed=0 reproduces apollo-torch.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        rank: int | None = None,
+        update_proj_gap: int = 200,
+        scale: float = 1.0,
+        scale_type: str = "channel",
+        norm_growth_limit: float | None = 1.01,
+        seed: int = 0,
+    ):
+        # Read by add_param_group, which the base constructor calls once per group.
+        self._seed = seed
+        self._n_params = 0
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "rank": rank,
+            "update_proj_gap": update_proj_gap,
+            "scale": scale,
+            "scale_type": scale_type,
+            "norm_growth_limit": norm_growth_limit,
+        }
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Validate the group's settings and shapes, then give each APOLLO matrix its projection seed."""
+        params = param_group["params"]
+        if isinstance(params, set):
+            raise TypeError(
+                "param group 'params' must be an ordered collection (seeds follow the order), not a set"
+            )
+        params = [params] if isinstance(params, Tensor) else list(params)
+        group = {**self.defaults, **param_group, "params": params}
+        _check_settings(group)
+        if group["rank"] is not None:
+            for i, p in enumerate(params):
+                if p.dim() != 2:
+                    raise ValueError(
+                        f"APOLLO (rank={group['rank']}) needs 2-D parameters; params[{i}] of the group "
+                        f"has shape {tuple(p.shape)}: put it in a group with rank=None (AdamW)"
+                    )
+        super().add_param_group({**param_group, "params": params})
+        for p in params:
+            # Numbered like apollo-torch: every parameter counts, frozen ones included.
+            self._n_params += 1
+            if group["rank"] is not None and p.requires_grad:
+                self.state[p]["seed"] = self._seed + self._n_params
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """Update every parameter that has a gradient; those whose grad is None are skipped."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._update(p, group)
+        return loss
+
+    def _update(self, p: Tensor, group: dict[str, Any]) -> None:
+        grad = p.grad
+        if grad.is_sparse:
+            raise RuntimeError(
+                f"Apollo does not support sparse gradients (parameter of shape {tuple(p.shape)})"
+            )
+        state = self.state[p]
+        step = state.get("step", 0)  # completed steps of this parameter
+        beta1, beta2 = group["betas"]
+        state["step"] = step + 1
+        bias_correction1 = 1.0 - beta1 ** (step + 1)
+        bias_correction2 = 1.0 - beta2 ** (step + 1)
+        step_size = group["lr"] * math.sqrt(bias_correction2) / bias_correction1
+        decay = group["lr"] * group["weight_decay"]
+        if group["rank"] is None:
+            _adamw_update(p, grad, state, group, step_size, decay)
+        else:
+            _apollo_update(p, grad, state, group, step, step_size, decay)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load as the base class does, but keep state tensors in float32.
+
+        The base class casts every floating state tensor to its parameter's dtype, which would turn
+        the moments of bf16 parameters into bf16; they are taken again from `state_dict` as float32.
+        """
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        for p, i in zip(params, ids, strict=True):
+            for key, value in state_dict["state"].get(i, {}).items():
+                if isinstance(value, Tensor):
+                    self.state[p][key] = value.to(device=p.device, dtype=torch.float32)
+
+    def optimizer_state_bytes(self) -> int:
+        """Total bytes of the tensors held in the optimizer state (moments and limiter norms)."""
+        return sum(
+            v.numel() * v.element_size()
+            for s in self.state.values()
+            for v in s.values()
+            if isinstance(v, Tensor)
+        )
+
+    def attach_backward_hooks(self, model_or_params: nn.Module | Iterable[Tensor]) -> list[RemovableHandle]:
+        """Apply each parameter's update as soon as its gradient is complete, then free that gradient.
+
+        Uses `register_post_accumulate_grad_hook`, so at most a few full gradients exist at any time
+        instead of all of them. After `loss.backward()` the step is done: do not call `step()` (it
+        would find no gradients) and skip `zero_grad()`. Step hooks of the optimizer do not fire.
+
+        NOTE: only valid without gradient accumulation over micro-batches and without gradient
+        clipping by global norm: each update uses the gradient of this one backward pass as is.
+
+        Every parameter of `model_or_params` that requires grad must be in this optimizer (else
+        ValueError naming it: its gradient would be neither applied nor freed). Returns the hook
+        handles; `handle.remove()` detaches them.
+        """
+        if isinstance(model_or_params, nn.Module):
+            named = list(model_or_params.named_parameters())
+        else:
+            named = [(f"params[{i}]", p) for i, p in enumerate(model_or_params)]
+        group_of = {p: i for i, group in enumerate(self.param_groups) for p in group["params"]}
+        handles, seen = [], set()
+        for name, p in named:
+            if not p.requires_grad or p in seen:
+                continue
+            seen.add(p)
+            if p not in group_of:
+                raise ValueError(
+                    f"parameter {name!r} (shape {tuple(p.shape)}) requires grad but is in no param group "
+                    "of this optimizer: freeze it (requires_grad_(False)) or add it to a group"
+                )
+            handles.append(p.register_post_accumulate_grad_hook(self._backward_hook(group_of[p])))
+        return handles
+
+    def _backward_hook(self, group_index: int) -> Callable[[Tensor], None]:
+        # The group is looked up at call time: load_state_dict replaces the group dicts.
+        def hook(p: Tensor) -> None:
+            with torch.no_grad():
+                self._update(p, self.param_groups[group_index])
+            p.grad = None
+
+        return hook
+
+
+def _check_settings(group: dict[str, Any]) -> None:
+    """Raise ValueError naming the first invalid setting of a param group."""
+    beta1, beta2 = group["betas"]
+    if not group["lr"] >= 0.0:
+        raise ValueError(f"invalid lr {group['lr']!r}: must be >= 0")
+    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
+        raise ValueError(f"invalid betas {group['betas']!r}: each must be in [0, 1)")
+    if not group["eps"] >= 0.0:
+        raise ValueError(f"invalid eps {group['eps']!r}: must be >= 0")
+    if not group["weight_decay"] >= 0.0:
+        raise ValueError(f"invalid weight_decay {group['weight_decay']!r}: must be >= 0")
+    rank = group["rank"]
+    if rank is None:
+        return
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"invalid rank {rank!r}: must be an int >= 1, or None for AdamW")
+    gap = group["update_proj_gap"]
+    if isinstance(gap, bool) or not isinstance(gap, int) or gap < 1:
+        raise ValueError(f"invalid update_proj_gap {gap!r}: must be an int >= 1")
+    if not group["scale"] > 0.0:
+        raise ValueError(f"invalid scale {group['scale']!r}: must be > 0")
+    if group["scale_type"] not in _SCALE_TYPES:
+        raise ValueError(f"invalid scale_type {group['scale_type']!r}: must be one of {_SCALE_TYPES}")
+    gamma = group["norm_growth_limit"]
+    if gamma is not None and not gamma >= 1.0:
+        raise ValueError(f"invalid norm_growth_limit {gamma!r}: must be >= 1, or None to disable")
+
+
+def _adamw_update(
+    p: Tensor,  # any shape, any float dtype
+    grad: Tensor,  # same shape as p
+    state: dict[str, Any],
+    group: dict[str, Any],
+    step_size: float,
+    decay: float,
+) -> None:
+    """apollo-torch's Adam step (eps added to sqrt(v), not to v), in fp32, row chunk by row chunk."""
+    if "exp_avg" not in state:
+        state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+    beta1, beta2 = group["betas"]
+    # 0-d parameters become 1-D views so that they can be sliced like the rest.
+    p_rows, g_rows = torch.atleast_1d(p), torch.atleast_1d(grad)
+    m_rows, v_rows = torch.atleast_1d(state["exp_avg"]), torch.atleast_1d(state["exp_avg_sq"])
+    for rows in _row_chunks(p_rows):
+        g = g_rows[rows].float()
+        m, v = m_rows[rows], v_rows[rows]
+        m.mul_(beta1).add_(g, alpha=1.0 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+        with _update_target(p_rows[rows], decay) as target:
+            target.addcdiv_(m, v.sqrt().add_(group["eps"]), value=-step_size)
+
+
+def _apollo_update(
+    p: Tensor,  # (rows, cols), any float dtype
+    grad: Tensor,  # (rows, cols)
+    state: dict[str, Any],
+    group: dict[str, Any],
+    step: int,
+    step_size: float,
+    decay: float,
+) -> None:
+    """One APOLLO step: project, Adam in the projected space, scale the raw gradient, limit, write."""
+    rows, cols = p.shape
+    rank = group["rank"]
+    # The shorter side is projected away; channels run along the longer side (rows when rows >= cols).
+    by_row = rows >= cols
+    if step > 0 and step % group["update_proj_gap"] == 0:
+        state["seed"] = next_seed(state["seed"])
+    proj = projection(state["seed"], (rows, cols), rank, p.device)
+
+    # Pass 1 over G: the projected gradient R and the squared norm of each channel of G.
+    if by_row:
+        r = torch.empty(rows, rank, device=p.device, dtype=torch.float32)  # G @ P.T
+        channel_sq = torch.empty(rows, device=p.device, dtype=torch.float32)
+    else:
+        r = torch.zeros(rank, cols, device=p.device, dtype=torch.float32)  # P.T @ G, summed over chunks
+        channel_sq = torch.zeros(cols, device=p.device, dtype=torch.float32)
+    for chunk in _row_chunks(grad):
+        g = grad[chunk].float()
+        if by_row:
+            torch.mm(g, proj.t(), out=r[chunk])
+            channel_sq[chunk] = torch.linalg.vector_norm(g, dim=1).square()
+        else:
+            r.addmm_(proj[chunk].t(), g)
+            channel_sq.add_(torch.linalg.vector_norm(g, dim=0).square())
+
+    if "exp_avg" not in state:
+        state["exp_avg"] = torch.zeros_like(r)
+        state["exp_avg_sq"] = torch.zeros_like(r)
+    beta1, beta2 = group["betas"]
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    exp_avg.mul_(beta1).add_(r, alpha=1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(r, r, value=1.0 - beta2)
+    adam_r = exp_avg / exp_avg_sq.sqrt().add_(group["eps"])  # the Adam update, in projected space
+
+    # Gradient scaling factor: how much Adam stretches each channel (or the tensor) in projected
+    # space, used as an estimate of how it would stretch the full gradient.
+    per_row = by_row and group["scale_type"] == "channel"
+    if group["scale_type"] == "channel":
+        dim = 1 if by_row else 0
+        norms = torch.linalg.vector_norm(adam_r, dim=dim), torch.linalg.vector_norm(r, dim=dim)
+        factor = norms[0] / (norms[1] + _NORM_EPS)  # (rows,) or (cols,)
+        # ||G * factor||: each channel of G is multiplied by its own factor.
+        scaled_norm = (factor.square() * channel_sq).sum().sqrt()
+    else:
+        factor = torch.linalg.vector_norm(adam_r) / (torch.linalg.vector_norm(r) + _NORM_EPS)  # 0-d
+        scaled_norm = factor * channel_sq.sum().sqrt()
+
+    gamma = group["norm_growth_limit"]
+    if gamma is not None:
+        # Fira's norm-growth limiter: the scaled gradient's norm may grow by at most gamma per step.
+        # A tensor clamp instead of apollo-torch's Python max() avoids a device-to-host sync.
+        if "scaled_grad_norm" in state:
+            limiter = torch.clamp(scaled_norm / (state["scaled_grad_norm"] + _NORM_EPS), min=gamma) / gamma
+            factor = factor / limiter
+            scaled_norm = scaled_norm / limiter
+        state["scaled_grad_norm"] = scaled_norm
+
+    # (rows, 1), (1, cols) or (1, 1). A tensor with dimensions takes part in type promotion, so the
+    # update of a bf16 p below computes in fp32 (a 0-d fp32 factor would be rounded to bf16 first).
+    coef = factor * math.sqrt(group["scale"])
+    coef = coef.reshape(-1, 1) if per_row else coef.reshape(1, -1)
+    # Pass 2 over G: p <- (p - step_size * coef * G) * (1 - lr * wd), with no fp32 copy of G.
+    for chunk in _row_chunks(p):
+        with _update_target(p[chunk], decay) as target:
+            target.addcmul_(grad[chunk], coef[chunk] if per_row else coef, value=-step_size)

@@ -1,0 +1,129 @@
+"""Build the HuggingFace model with every parameter a zero-copy view into vLLM's memory.
+
+The model is instantiated from the served config with parameters on the `meta` device (no memory),
+then each parameter is replaced by `nn.Parameter(view)` where `view` is this rank's slice of the
+engine tensor that holds it. Checked by address: each bound parameter's `data_ptr()` lies inside
+the exported storage. Parameters without a zero-copy view are copied, reported and frozen unless
+the caller asks to train them (their updates would then not reach vLLM).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass, field
+
+import structlog
+import torch
+from torch import nn
+
+from trainer_side.attach import AttachedWeights
+
+log = structlog.get_logger(__name__)
+
+
+class BindError(Exception):
+    """The served layout and the HF model built from its config do not match."""
+
+
+@dataclass
+class SharedModel:
+    model: nn.Module
+    weights: AttachedWeights
+    zero_copy: list[str] = field(default_factory=list)  # HF names bound as views
+    copied: dict[str, str] = field(default_factory=dict)  # HF name -> why it is a copy (frozen by default)
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Parameters are created on `meta`, buffers (rotary tables and the like) for real on the CPU."""
+    original = nn.Module.register_parameter
+
+    def register_parameter(module, name, param):
+        original(module, name, param)
+        if param is not None:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_parameter
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def hf_config_from_identity(weights: AttachedWeights):
+    from transformers import AutoConfig
+
+    config_dict = json.loads(weights.identity.hf_config_json)
+    if "model_type" not in config_dict:
+        raise BindError("served hf_config_json has no model_type: cannot rebuild the HF config")
+    return AutoConfig.for_model(**config_dict)
+
+
+def build_shared_model(weights: AttachedWeights, *, train_copies: bool = False) -> SharedModel:
+    from transformers import AutoModelForCausalLM
+
+    config = hf_config_from_identity(weights)
+    try:
+        with _parameters_on_meta():
+            model = AutoModelForCausalLM.from_config(config)
+    except ValueError as err:
+        raise BindError(f"architecture {weights.identity.architecture!r} is not supported by transformers: {err}")
+    device = next(iter(weights.engine_tensors.values())).device
+    owners = {}  # HF name -> (module, attribute), every alias of tied parameters included
+    for module_name, module in model.named_modules():
+        for attr, param in module._parameters.items():
+            if param is None:  # e.g. bias=False layers register None
+                continue
+            owners[f"{module_name}.{attr}" if module_name else attr] = (module, attr)
+    missing = sorted(set(owners) - set(weights.layout))
+    if missing:
+        raise BindError(
+            f"{len(missing)} HF parameters of {weights.identity.architecture} are not in the served layout "
+            f"(first: {missing[0]}): config and served model disagree"
+        )
+    unknown = sorted(set(weights.layout) - set(owners))
+    if unknown:
+        raise BindError(f"served layout names {unknown[0]!r}, which the HF model built from its config lacks")
+
+    shared = SharedModel(model, weights)
+    bound: dict[str, nn.Parameter] = {}
+    # Tied aliases last, so they reuse the Parameter of the tensor they are tied to.
+    for name, entry in sorted(weights.layout.items(), key=lambda item: bool(item[1].tied_to)):
+        module, attr = owners[name]
+        expected_shape = tuple(module._parameters[attr].shape)
+        if entry.tied_to and entry.tied_to in bound:
+            param = bound[entry.tied_to]
+        else:
+            tensor = weights.hf_tensor(name)
+            if tuple(tensor.shape) != expected_shape:
+                raise BindError(
+                    f"{name}: served shard has shape {tuple(tensor.shape)}, the HF model expects {expected_shape} "
+                    "(tensor parallelism > 1 binds shards; the HF model here is unsharded)"
+                )
+            if entry.zero_copy:
+                param = nn.Parameter(tensor, requires_grad=True)
+                _assert_shares_storage(name, param, weights)
+                shared.zero_copy.append(name)
+            else:
+                param = nn.Parameter(tensor.clone(), requires_grad=train_copies)
+                shared.copied[name] = entry.not_zero_copy_reason
+                log.warning("parameter is a copy, not shared", name=name, reason=entry.not_zero_copy_reason)
+        module._parameters[attr] = param
+        bound[name] = param
+    for module in model.modules():  # buffers made on the CPU follow the weights' device
+        for key, buf in module._buffers.items():
+            if buf is not None and buf.device != device:
+                module._buffers[key] = buf.to(device)
+    model.train()
+    log.info("HF model bound to served weights", zero_copy=len(shared.zero_copy), copied=len(shared.copied))
+    return shared
+
+
+def _assert_shares_storage(name: str, param: nn.Parameter, weights: AttachedWeights) -> None:
+    ptr = param.data_ptr()
+    for storage in weights.storages.values():
+        base = storage.data_ptr()
+        if base <= ptr < base + storage.numel():
+            return
+    raise BindError(f"{name} does not point into any exported storage: it would not be shared")
