@@ -9,7 +9,7 @@ attribute before the model loads is enough; the worker extension does it at impo
 
 The 3-D GDN conv1d weight is left to vLLM: on AVX512-BF16 / Arm-bf16 CPUs its forward assumes the
 packed format (`mamba/ops/cpu/gdn_attention.py`: `is_weight_packed=True`), so it is packed there and
-reported as not zero-copy (see `packed_conv_weights`).
+reported as not zero-copy by the layout.
 """
 
 from __future__ import annotations
@@ -41,26 +41,3 @@ def install() -> bool:
     _installed = True
     return True
 
-
-def packed_conv_weights(model: torch.nn.Module) -> dict[str, str]:
-    """Engine parameter name -> reason, for conv1d weights vLLM packed in place on this CPU."""
-    packed = {}
-    for module_name, module in model.named_modules():
-        if getattr(module, "_cpu_unpacked_conv_weight", None) is not None:
-            packed[f"{module_name}.weight"] = (
-                "vLLM's CPU conv kernel repacks this weight on AVX512-BF16/Arm-bf16 CPUs, so the "
-                "parameter no longer holds the HF layout; serve on a GPU or a CPU without AVX512-BF16 "
-                "to train it"
-            )
-    return packed
-
-
-def repacked_linear_weights(model: torch.nn.Module) -> list[str]:
-    """Names of linear weights that were emptied by a repacking dispatch (the guard failed)."""
-    return [
-        f"{name}.weight"
-        for name, module in model.named_modules()
-        if hasattr(module, "cpu_linear")
-        and isinstance(getattr(module, "weight", None), torch.Tensor)
-        and module.weight.numel() == 0
-    ]

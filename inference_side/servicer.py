@@ -119,7 +119,7 @@ class WeightExportServicer(pb_grpc.WeightExportServiceServicer):
             if self._handles is None:
                 try:
                     blobs = await self._engine.collective_rpc("weightshare_export_handles")
-                except Exception as exc:  # the worker's message says what to change
+                except Exception as exc:  # noqa: BLE001 - any worker failure; its message says what to change
                     await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"export failed: {exc}")
                 self._handles = [pb.StreamHandlesResponse.FromString(b) for b in blobs]
             return self._handles

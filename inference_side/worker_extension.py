@@ -98,14 +98,7 @@ class WeightShareWorkerExtension:
             engine_version=vllm_version,
         )
         parameters, engine_tensors = derive_layout(model, hf_config)
-        unavailable = cpu_repack.packed_conv_weights(model) if _is_cpu_platform() else {}
-        for name in cpu_repack.repacked_linear_weights(model):
-            unavailable[name] = "vLLM repacked this weight into a kernel-private format and emptied it"
-        for entry in parameters:
-            blocked = [unavailable[s.engine_tensor] for s in entry.slices if s.engine_tensor in unavailable]
-            if blocked and entry.zero_copy:
-                entry.zero_copy = False
-                entry.not_zero_copy_reason = blocked[0]
+        # derive_layout also marks weights vLLM repacked or emptied anyway (e.g. AVX512-BF16 conv1d).
         info = weight_export_service_pb2.GetModelInfoResponse(identity=identity)
         layout = weight_export_service_pb2.GetLayoutResponse(
             parameters=layout_to_proto(parameters),

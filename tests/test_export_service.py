@@ -20,8 +20,8 @@ import grpc
 import pytest
 import torch
 
-from trainer_side.attach import AttachError, attach
 from tests.weight_checks import assert_rebuilds_checkpoint
+from trainer_side.attach import AttachError, attach
 from weightshare import grpc_util, shm
 from weightshare.processes import CPU_SERVE_ARGS, ServedModel
 from weightshare.v1 import weight_export_service_pb2 as pb
@@ -154,17 +154,20 @@ def test_trainer_killed_while_paused_resumes_serving(qwen35_server):
 
 
 def test_concurrent_generation_during_updates_all_succeed(qwen35_server):
-    with attach(qwen35_server.grpc_address, trainer_name="busy") as weights, weights.update_stream() as updates:
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            futures = [
-                pool.submit(qwen35_server.completion, f"{PROMPT} {i}", max_tokens=12) for i in range(24)
-            ]
-            for step in range(6):
-                updates.begin(step=step)
-                time.sleep(0.1)  # requests arriving now queue; running ones freeze and continue
-                updates.commit(step=step)
-                time.sleep(0.05)
-            results = [f.result(timeout=300) for f in futures]
+    with (
+        attach(qwen35_server.grpc_address, trainer_name="busy") as weights,
+        weights.update_stream() as updates,
+        ThreadPoolExecutor(max_workers=8) as pool,
+    ):
+        futures = [
+            pool.submit(qwen35_server.completion, f"{PROMPT} {i}", max_tokens=12) for i in range(24)
+        ]
+        for step in range(6):
+            updates.begin(step=step)
+            time.sleep(0.1)  # requests arriving now queue; running ones freeze and continue
+            updates.commit(step=step)
+            time.sleep(0.05)
+        results = [f.result(timeout=300) for f in futures]
     assert all(r["choices"][0]["text"] is not None for r in results)
     assert all(r["usage"]["completion_tokens"] == 12 for r in results)
 

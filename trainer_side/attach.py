@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Self
 
 import grpc
 import structlog
@@ -75,7 +76,7 @@ class AttachedWeights:
         self.storages.clear()
         self.channel.close()
 
-    def __enter__(self) -> AttachedWeights:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

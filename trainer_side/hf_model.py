@@ -14,7 +14,6 @@ import json
 from dataclasses import dataclass, field
 
 import structlog
-import torch
 from torch import nn
 
 from trainer_side.attach import AttachedWeights

@@ -7,6 +7,7 @@ dying) makes the inference side abort any open update and resume serving.
 from __future__ import annotations
 
 import queue
+from typing import Self
 
 from weightshare.v1 import weight_export_service_pb2 as pb
 from weightshare.v1 import weight_export_service_pb2_grpc as pb_grpc
@@ -39,7 +40,7 @@ class UpdateStream:
         self._requests.put(_END)
         self._responses.cancel()
 
-    def __enter__(self) -> UpdateStream:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

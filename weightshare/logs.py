@@ -15,8 +15,8 @@ def configure_logging(level: str = "INFO", json: bool | None = None) -> None:
     """Route structlog and stdlib logging to stderr; JSON lines unless stderr is a terminal."""
     if json is None:
         json = not sys.stderr.isatty()
-    numeric_level = logging.getLevelName(level.upper())
-    if not isinstance(numeric_level, int):
+    numeric_level = logging.getLevelNamesMapping().get(level.upper())
+    if numeric_level is None:
         raise ValueError(f"unknown log level {level!r}; use DEBUG, INFO, WARNING or ERROR")
     renderer = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
     structlog.configure(

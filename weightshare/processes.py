@@ -18,6 +18,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -84,8 +85,15 @@ class ServedModel:
         if self.token:
             cmd += ["--token", self.token]
         env = {**os.environ, **{k: v for k, v in CPU_SERVE_ENV.items() if k not in os.environ}}
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        if self.log_path:
+            with open(self.log_path, "ab") as out:  # the child keeps its own copy of the descriptor
+                self.process = subprocess.Popen(
+                    cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                )
+        else:
+            self.process = subprocess.Popen(
+                cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
         deadline = time.monotonic() + self.startup_timeout_s
         try:
             wait_for_grpc_health(self.grpc_address, deadline, self.process)
@@ -136,7 +144,7 @@ class ServedModel:
         with urllib.request.urlopen(request, timeout=timeout_s) as r:
             return json.loads(r.read())
 
-    def __enter__(self) -> ServedModel:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:
