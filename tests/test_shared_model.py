@@ -15,13 +15,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.weight_checks import assert_rebuilds_checkpoint
+from tests.weight_checks import PROMPT_IDS, assert_rebuilds_checkpoint, hf_logprobs, vllm_greedy
 from trainer_side.attach import attach
 from trainer_side.hf_model import build_shared_model
 from weightshare.processes import ServedModel
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
-PROMPT_IDS = [11, 42, 7, 99, 123, 5, 64, 200]
 # bf16 weights and activations in both engines, different kernels: per-token logprobs of a tiny random
 # model (about -5 to -7) agree to a few hundredths; 0.1 leaves room and still catches any wrong slice.
 LOGPROB_TOLERANCE = 0.1
@@ -33,23 +32,6 @@ def served(request, tiny_model_path, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(f"serve-{request.param}")
     with ServedModel(model, f"unix://{tmp}/export.sock", log_path=tmp / "serve.log") as server:
         yield server
-
-
-def vllm_greedy(served: ServedModel, max_tokens: int = 6) -> tuple[list[int], list[float]]:
-    choice = served.completion(
-        PROMPT_IDS, max_tokens=max_tokens, logprobs=1, return_tokens_as_token_ids=True
-    )["choices"][0]
-    tokens = [int(t.removeprefix("token_id:")) for t in choice["logprobs"]["tokens"]]
-    return tokens, choice["logprobs"]["token_logprobs"]
-
-
-def hf_logprobs(model: torch.nn.Module, prompt: list[int], completion: list[int]) -> list[float]:
-    """Log-probability the HF model gives each completion token after the prompt and earlier tokens."""
-    ids = torch.tensor([prompt + completion])
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits.float()
-    logprobs = torch.log_softmax(logits[0, len(prompt) - 1 : -1], dim=-1)
-    return logprobs[torch.arange(len(completion)), torch.tensor(completion)].tolist()
 
 
 def test_rebuilds_every_parameter_bit_identical(served):

@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+PROMPT_IDS = [11, 42, 7, 99, 123, 5, 64, 200]
+
 
 def checkpoint_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
     tensors = {}
@@ -30,3 +32,21 @@ def assert_rebuilds_checkpoint(weights, model_dir: Path) -> int:
         checked += 1
     assert set(expected) <= set(weights.layout)
     return checked
+
+
+def vllm_greedy(served, max_tokens: int = 6) -> tuple[list[int], list[float]]:
+    choice = served.completion(
+        PROMPT_IDS, max_tokens=max_tokens, logprobs=1, return_tokens_as_token_ids=True
+    )["choices"][0]
+    tokens = [int(t.removeprefix("token_id:")) for t in choice["logprobs"]["tokens"]]
+    return tokens, choice["logprobs"]["token_logprobs"]
+
+
+def hf_logprobs(model: torch.nn.Module, prompt: list[int], completion: list[int]) -> list[float]:
+    """Log-probability the HF model gives each completion token after the prompt and earlier tokens."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt + completion], device=device)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.float()
+    logprobs = torch.log_softmax(logits[0, len(prompt) - 1 : -1], dim=-1)
+    return logprobs[torch.arange(len(completion)), torch.tensor(completion, device=device)].tolist()

@@ -1,0 +1,214 @@
+"""Fast unit tests of the trainer's data path and loop, no vLLM: validation, masks, the store, checkpoints.
+
+- `Renderer`: chat rendering with the tiny models' chat template, loss only on assistant turns, every
+  validation error naming its field and value, and the gRPC code it maps to.
+- `ExampleStore`: fsync'd append, cursor, reopen after a crash (partial last line dropped), duplicates.
+- `TrainingLoop` on a tiny in-process llama with a recording stand-in for the update stream: begin ->
+  step -> commit per step, non-finite steps skipped without begin, checkpoint + restore of the cursor.
+
+Run as: .venv/bin/python -m pytest tests/test_trainer_data.py -q
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from trainer_side.data import ExampleError, ExampleStore, Renderer, TokenizedExample
+from weightshare.tiny_model import VOCAB_SIZE, build_tokenizer
+from weightshare.v1 import trainer_service_pb2 as pb
+
+
+@pytest.fixture(scope="module")
+def renderer() -> Renderer:
+    return Renderer(build_tokenizer(), VOCAB_SIZE, max_seq_len=64)
+
+
+def chat(*turns: tuple[str, str], example_id: str = "") -> pb.Example:
+    return pb.Example(
+        example_id=example_id,
+        chat=pb.ChatExample(messages=[pb.ChatMessage(role=r, content=c) for r, c in turns]),
+    )
+
+
+def tokens(ids: list[int], mask: list[bool], example_id: str = "") -> pb.Example:
+    return pb.Example(example_id=example_id, tokens=pb.TokenExample(input_ids=ids, loss_mask=mask))
+
+
+def test_chat_mask_covers_assistant_turns_only(renderer):
+    tok = renderer.tokenizer
+    example = chat(("system", "you are a cat"), ("user", "hello"), ("assistant", "green house"),
+                   ("user", "why"), ("assistant", "the sun"))
+    rendered = renderer.render(example)
+    assert len(rendered.example_id) == 32  # assigned
+    masked = [t for t, m in zip(rendered.input_ids, rendered.loss_mask) if m]
+    # Each assistant turn's content and its end-of-turn token, nothing of the prompt.
+    assert tok.convert_ids_to_tokens(masked) == ["green", "house", "<|im_end|>", "the", "sun", "<|im_end|>"]
+    assert renderer.render(chat(("user", "hi"), ("assistant", "yes"), example_id="mine")).example_id == "mine"
+
+
+@pytest.mark.parametrize(
+    ("example", "message"),
+    [
+        (pb.Example(), "examples[0]: content is not set"),
+        (chat(), "examples[0].chat.messages is empty"),
+        (chat(("user", "hi")), "has no assistant turn"),
+        (chat(("robot", "hi"), ("assistant", "yes")), "messages[0].role = 'robot' is not one of"),
+        (tokens([1, 2, VOCAB_SIZE], [0, 1, 1]), f"input_ids[2] = {VOCAB_SIZE} is not below the vocabulary size"),
+        (tokens([1, 2, 3], [0, 1]), "loss_mask has 2 entries but input_ids has 3"),
+        (tokens([], []), "input_ids is empty"),
+        (tokens([1, 2, 3], [1, 0, 0]), "no training target"),
+        (tokens(list(range(65)), [1] * 65), "65 tokens is longer than the trainer's max_seq_len 64"),
+    ],
+)
+def test_invalid_examples_name_field_and_value(renderer, example, message):
+    with pytest.raises(ExampleError, match=message.replace("[", r"\[").replace("]", r"\]")) as info:
+        renderer.render(example)
+    assert info.value.code_name == "INVALID_ARGUMENT"
+
+
+def test_tokenizer_without_chat_template_is_a_failed_precondition():
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = None
+    no_template = Renderer(tokenizer, VOCAB_SIZE, 64)
+    with pytest.raises(ExampleError, match="has no chat template") as info:
+        no_template.render(chat(("user", "hi"), ("assistant", "yes")))
+    assert info.value.code_name == "FAILED_PRECONDITION"
+    assert no_template.render(tokens([1, 2], [0, 1])).loss_mask == (False, True)  # tokens still work
+
+
+def example(i: int) -> TokenizedExample:
+    return TokenizedExample(f"e{i}", (1, 2, 3 + i), (False, True, True))
+
+
+def test_store_persists_and_resumes_at_cursor(tmp_path):
+    store = ExampleStore(tmp_path)
+    assert store.append([example(0), example(1)]) == 2
+    assert store.append([example(2)]) == 3
+    assert [e.example_id for e in store.peek(2, timeout_s=0)] == ["e0", "e1"]
+    store.consume(2)
+    assert (store.cursor, store.pending) == (2, 1)
+    with pytest.raises(ExampleError, match="'e1' was already submitted") as info:
+        store.append([example(3), example(1)])
+    assert info.value.code_name == "ALREADY_EXISTS"
+    assert store.total == 3  # all or nothing
+    store.close()
+
+    # A crash mid-append leaves half a line: it was never acknowledged and is dropped on reopen.
+    with open(tmp_path / "examples.jsonl", "ab") as f:
+        f.write(b'{"id":"half","input_')
+    reopened = ExampleStore(tmp_path, cursor=2)
+    assert (reopened.total, reopened.pending) == (3, 1)
+    assert reopened.peek(5, timeout_s=0) == [example(2)]
+    assert reopened.append([example(4)]) == 2
+    reopened.close()
+    with pytest.raises(ValueError, match="cursor 9 is outside the store's 4 examples"):
+        ExampleStore(tmp_path, cursor=9)
+
+
+def test_store_peek_waits_for_an_append(tmp_path):
+    store = ExampleStore(tmp_path)
+    threading.Timer(0.1, store.append, [[example(0)]]).start()
+    assert store.peek(1, timeout_s=5) == [example(0)]
+    store.close()
+
+
+class RecordingUpdates:
+    """Stands in for UpdateStream: records calls, acknowledges commits with an increasing version."""
+
+    def __init__(self, calls: list):
+        self.calls = calls
+
+    def begin(self, step, max_pause_seconds=0.0):
+        self.calls.append(("begin", step))
+
+    def commit(self, step):
+        self.calls.append(("commit", step))
+        return pb_ack(step)
+
+    def abort(self, reason):
+        self.calls.append(("abort", reason))
+
+    def close(self):
+        self.calls.append(("close",))
+
+
+def pb_ack(step: int):
+    from weightshare.v1 import weight_export_service_pb2 as export_pb
+
+    return export_pb.UpdateWeightsResponse(weights_version=step, step=step, paused_seconds=0.001)
+
+
+@pytest.fixture()
+def tiny_loop(tmp_path, tiny_model_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from trainer_side.loop import LoopConfig, TrainingLoop
+    from trainer_side.param_groups import build_optimizer, preset
+
+    model_dir = tiny_model_path("llama", "float32")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    events, calls = [], []
+
+    def make(config: LoopConfig, store: ExampleStore) -> TrainingLoop:
+        optimizer = build_optimizer(model, preset("apollo_mini", lr=config.lr))
+        return TrainingLoop(model, optimizer, store, lambda: RecordingUpdates(calls), tmp_path, str(model_dir),
+                            config, events.append)
+
+    return make, model, events, calls
+
+
+def wait_for(predicate, timeout_s: float = 60.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_loop_steps_inside_the_update_protocol_and_resumes(tmp_path, tiny_loop):
+    import torch
+
+    from trainer_side.loop import LoopConfig, latest_checkpoint, read_checkpoint_state
+
+    make, model, events, calls = tiny_loop
+    store = ExampleStore(tmp_path)
+    store.append([TokenizedExample(f"x{i}", (5, 6, 7, 8), (False, True, True, True)) for i in range(6)])
+    loop = make(LoopConfig(lr=1e-2, examples_per_step=2, max_steps=2, batch_wait_s=0.1), store)
+    before = model.model.norm.weight.detach().clone()
+    loop.start()
+    wait_for(lambda: not loop.running)
+    kinds = [pb.ProgressKind.Name(e.kind) for e in events]
+    assert kinds == ["PROGRESS_KIND_STEP", "PROGRESS_KIND_STEP", "PROGRESS_KIND_CHECKPOINT",
+                     "PROGRESS_KIND_STOPPED"]
+    assert calls == [("begin", 1), ("commit", 1), ("begin", 2), ("commit", 2), ("close",)]
+    assert events[1].weights_version == 2 and events[1].tokens == 6 and events[1].pending_examples == 2
+    assert not torch.equal(before, model.model.norm.weight)
+    checkpoint = latest_checkpoint(tmp_path)
+    assert checkpoint.name == "step-00000002"
+    assert read_checkpoint_state(checkpoint)["cursor"] == 4
+    assert {"model.safetensors", "config.json", "tokenizer.json", "optimizer.pt"} <= {
+        p.name for p in checkpoint.iterdir()}
+
+    # Non-finite loss: skipped before begin, nothing written, examples consumed.
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")
+    calls.clear()
+    events.clear()
+    loop.start(LoopConfig(lr=1e-2, examples_per_step=2, max_steps=1, batch_wait_s=0.1))
+    wait_for(lambda: store.pending == 0)
+    loop.stop(checkpoint=False)
+    assert calls == [("close",)]
+    assert events[0].kind == pb.PROGRESS_KIND_SKIPPED and "non-finite" in events[0].message
+    assert loop.status().skipped_steps == 1
+
+    # Restart: a new store at the checkpoint's cursor and a restored loop pick up at step 2.
+    store.close()
+    reopened = ExampleStore(tmp_path, cursor=read_checkpoint_state(checkpoint)["cursor"])
+    resumed = make(LoopConfig(lr=1e-2), reopened)
+    resumed.restore(checkpoint)
+    assert (resumed.counters.step, reopened.pending, reopened.cursor) == (2, 2, 4)
+    reopened.close()
