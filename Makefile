@@ -18,7 +18,7 @@ proto-check: setup  ## Fail if the checked-in stubs differ from what protos/ gen
 	bash scripts/gen_proto.sh $(PY) --check
 
 lint: proto-check  ## buf lint (STANDARD + COMMENTS) on protos/, ruff on the Python code.
-	cd protos/.. && $(VENV)/bin/buf lint
+	$(VENV)/bin/buf lint
 	$(VENV)/bin/ruff check weightshare inference_side trainer_side tests benchmarks scripts
 
 test: lint  ## Everything CI runs: lint, stale-stub check, unit, integration and slow tests on real vLLM.

@@ -24,9 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer_side.attach import attach  # noqa: E402
-from trainer_side.hf_model import build_shared_model  # noqa: E402
-from weightshare.processes import ServedModel  # noqa: E402
+from trainer_side.attach import attach
+from trainer_side.hf_model import build_shared_model
+from weightshare.processes import ServedModel
 
 # name -> Qwen3_5TextConfig overrides. Every 4th layer full attention, as in Qwen3.5.
 SHAPES = {
@@ -68,7 +68,8 @@ def machine_name(gpu: bool) -> str:
         import torch
 
         return torch.cuda.get_device_name(0)
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), "cpu")
+    with open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if "model name" in line), "cpu")
     return f"{cpu} ({os.cpu_count()} cores)"
 
 
@@ -126,8 +127,8 @@ def main() -> int:
             print(json.dumps(results[-1]), flush=True)
     header = ("| shape | engine tensors | HF params | GB | handles+open s | attach s | bind HF s | total s | "
               "copied | engine start s |")
-    lines = [f"Attach benchmark on {machine}, {platform.node()}, {time.strftime('%Y-%m-%d')}; best of "
-             f"{args.repeats}.", "", header, "|" + "---|" * 10]
+    title = f"Attach benchmark on {machine}, {platform.node()}, {time.strftime('%Y-%m-%d')}; best of {args.repeats}."
+    lines = [title, "", header, "|" + "---|" * 10]
     for r in results:
         lines.append(
             f"| {r['shape']} | {r['engine_tensors']} | {r['hf_params']} | {r['gb']:.2f} | {r['handles_s']:.3f} | "
