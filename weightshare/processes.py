@@ -41,6 +41,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _spawn(cmd: list[str], log_path: Path | None, env: dict | None) -> subprocess.Popen:
+    """Starts `cmd` in its own process group (so stopping it stops its children), output to `log_path`."""
+    if log_path is None:
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+    with open(log_path, "ab") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def _stop_group(process: subprocess.Popen | None, timeout_s: float) -> int | None:
+    """SIGTERM the process group, SIGKILL it after `timeout_s`; returns the exit code (None if never started)."""
+    if process is None:
+        return None
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM if timeout_s > 0 else signal.SIGKILL)
+        try:
+            process.wait(timeout_s or None)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    return process.returncode
+
+
 def wait_for_grpc_health(address: str, deadline: float, process: subprocess.Popen | None = None) -> None:
     """Blocks until grpc.health.v1 answers SERVING at `address`, the process dies, or `deadline` passes."""
     while True:
@@ -85,15 +108,7 @@ class ServedModel:
         if self.token:
             cmd += ["--token", self.token]
         env = {**os.environ, **{k: v for k, v in CPU_SERVE_ENV.items() if k not in os.environ}}
-        if self.log_path:
-            with open(self.log_path, "ab") as out:  # the child keeps its own copy of the descriptor
-                self.process = subprocess.Popen(
-                    cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-                )
-        else:
-            self.process = subprocess.Popen(
-                cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env, start_new_session=True
-            )
+        self.process = _spawn(cmd, self.log_path, env)
         deadline = time.monotonic() + self.startup_timeout_s
         try:
             wait_for_grpc_health(self.grpc_address, deadline, self.process)
@@ -116,14 +131,7 @@ class ServedModel:
             time.sleep(0.5)
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        _stop_group(self.process, timeout_s)
 
     def completion(self, prompt: str, max_tokens: int = 8, logprobs: int | None = None, **extra) -> dict:
         """Greedy /v1/completions call; returns vLLM's JSON answer."""
@@ -143,6 +151,45 @@ class ServedModel:
         )
         with urllib.request.urlopen(request, timeout=timeout_s) as r:
             return json.loads(r.read())
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+@dataclass
+class TrainerProcess:
+    """`weightshare train` as a child process, attached to `inference_address`; waits for its health."""
+
+    inference_address: str
+    grpc_address: str
+    state_dir: Path
+    flags: list[str] = field(default_factory=list)
+    log_path: Path | None = None
+    startup_timeout_s: float = 300.0
+    process: subprocess.Popen | None = None
+
+    def start(self) -> Self:
+        cmd = [
+            sys.executable, "-m", "weightshare.cli", "train", "--inference", self.inference_address,
+            "--grpc", self.grpc_address, "--state-dir", str(self.state_dir), *self.flags,
+        ]
+        self.process = _spawn(cmd, self.log_path, None)
+        try:
+            wait_for_grpc_health(self.grpc_address, time.monotonic() + self.startup_timeout_s, self.process)
+        except BaseException:
+            self.kill()
+            raise
+        return self
+
+    def stop(self, timeout_s: float = 60.0) -> int | None:
+        """SIGTERM (the trainer finishes its step, checkpoints and detaches), then SIGKILL after timeout."""
+        return _stop_group(self.process, timeout_s)
+
+    def kill(self) -> None:
+        _stop_group(self.process, 0)
 
     def __enter__(self) -> Self:
         return self.start()
