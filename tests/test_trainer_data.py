@@ -177,7 +177,9 @@ def test_loop_steps_inside_the_update_protocol_and_resumes(tmp_path, tiny_loop):
     make, model, events, calls = tiny_loop
     store = ExampleStore(tmp_path)
     store.append([TokenizedExample(f"x{i}", (5, 6, 7, 8), (False, True, True, True)) for i in range(6)])
-    loop = make(LoopConfig(lr=1e-2, examples_per_step=2, max_steps=2, batch_wait_s=0.1), store)
+    loop = make(LoopConfig(lr=1e-2, warmup_steps=2, examples_per_step=2, max_steps=2, batch_wait_s=0.1,
+                           gradient_checkpointing=True), store)
+    assert model.is_gradient_checkpointing
     before = model.model.norm.weight.detach().clone()
     loop.start()
     wait_for(lambda: not loop.running)
@@ -186,6 +188,7 @@ def test_loop_steps_inside_the_update_protocol_and_resumes(tmp_path, tiny_loop):
                      "PROGRESS_KIND_STOPPED"]
     assert calls == [("begin", 1), ("commit", 1), ("begin", 2), ("commit", 2), ("close",)]
     assert events[1].weights_version == 2 and events[1].tokens == 6 and events[1].pending_examples == 2
+    assert [e.learning_rate for e in events[:2]] == [5e-3, 1e-2]  # linear warm-up
     assert not torch.equal(before, model.model.norm.weight)
     checkpoint = latest_checkpoint(tmp_path)
     assert checkpoint.name == "step-00000002"

@@ -54,7 +54,7 @@ class Trainer:
         self.address = f"unix://{state_dir.parent}/{state_dir.name}-trainer.sock"
         self.log_path = state_dir.parent / f"{state_dir.name}-train.log"
         cmd = [sys.executable, "-m", "weightshare.cli", "train", "--inference", served.grpc_address,
-               "--grpc", self.address, "--state-dir", str(state_dir), *flags]
+               "--grpc", self.address, "--state-dir", str(state_dir), "--torch-threads", "1", *flags]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -77,9 +77,10 @@ class Trainer:
         return status
 
     def terminate(self) -> int:
-        self.channel.close()
         self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(60)
+        code = self.process.wait(60)
+        self.channel.close()
+        return code
 
     def kill(self) -> None:
         if self.process.poll() is None:
@@ -100,8 +101,7 @@ def ask(served: ServedModel, question: str) -> str:
 
 def test_teach_a_fact_while_serving(served, tmp_path):
     assert not ask(served, QUESTION).startswith(ANSWER)
-    trainer = Trainer(served, tmp_path / "state", "--optimizer", "apollo_mini", "--lr", "5e-3",
-                      "--examples-per-step", "2")
+    trainer = Trainer(served, tmp_path / "state", "--optimizer", "apollo_mini", "--lr", "2e-3")
     try:
         events: list[pb.StreamProgressResponse] = []
         watch = trainer.stub.StreamProgress(pb.StreamProgressRequest(include_history=True))
@@ -121,28 +121,30 @@ def test_teach_a_fact_while_serving(served, tmp_path):
 
         generator = threading.Thread(target=keep_generating, daemon=True)
         generator.start()
-        reply = trainer.stub.SubmitExamples(pb.SubmitExamplesRequest(examples=[chat_example(QUESTION, ANSWER)] * 12))
-        assert len(set(reply.example_ids)) == 12
-        status = trainer.wait_until(lambda s: s.pending_examples == 0 and s.step == 6)
+        reply = trainer.stub.SubmitExamples(pb.SubmitExamplesRequest(examples=[chat_example(QUESTION, ANSWER)] * 16))
+        assert len(set(reply.example_ids)) == 16
+        status = trainer.wait_until(lambda s: s.pending_examples == 0 and s.step == 16)
         stop.set()
         generator.join(60)
         assert outcomes and all(o == "ok" for o in outcomes), outcomes
-        assert status.trained_examples == 12 and status.running and status.weights_version >= 6
+        assert status.trained_examples == 16 and status.running and status.weights_version >= 16
 
         assert ask(served, QUESTION).startswith(ANSWER)
         steps = [e for e in events if e.kind == pb.PROGRESS_KIND_STEP]
-        assert [e.step for e in steps] == [1, 2, 3, 4, 5, 6]
-        assert steps[-1].loss < steps[0].loss
+        assert [e.step for e in steps] == list(range(1, 17))
+        assert steps[-1].loss < 0.5 < steps[0].loss
         assert all(e.tokens > 0 and e.grad_norm > 0 and e.step_seconds > 0 for e in steps)
         assert [e.weights_version for e in steps] == sorted({e.weights_version for e in steps})
 
         assert trainer.terminate() == 0  # graceful: finish the step, checkpoint, detach
-        watch.cancel()
+        watcher.join(10)  # the stream ends when the server stops
+        assert [pb.ProgressKind.Name(e.kind) for e in events[-2:]] == [
+            "PROGRESS_KIND_STOPPED", "PROGRESS_KIND_CHECKPOINT"]
         checkpoint = latest_checkpoint(tmp_path / "state")
-        assert checkpoint.name == "step-00000006"
+        assert checkpoint.name == "step-00000016"
         assert {"model.safetensors", "config.json", "tokenizer.json", "optimizer.pt"} <= {
             p.name for p in checkpoint.iterdir()}
-        assert read_checkpoint_state(checkpoint)["cursor"] == 12
+        assert read_checkpoint_state(checkpoint)["cursor"] == 16
         assert json.loads((checkpoint / "config.json").read_text())["model_type"] == "qwen3_5_text"
     finally:
         trainer.kill()

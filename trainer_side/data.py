@@ -1,0 +1,243 @@
+"""Training examples: validation, rendering to token ids + loss mask, and the durable example store.
+
+- `Renderer` turns a `weightshare.v1.Example` into a `TokenizedExample`. Chat examples are rendered with
+  the served model's tokenizer and chat template; the loss mask covers assistant turns only, found by
+  rendering prefixes: the tokens of assistant turn i are those of `messages[:i+1]` past those of
+  `messages[:i]` + the generation prompt. Token examples are taken as given. Every problem raises
+  `ExampleError` naming the field and the value (the service turns it into INVALID_ARGUMENT or
+  FAILED_PRECONDITION).
+- `ExampleStore` is an append-only JSONL file in the trainer's state dir. `append` writes and fsyncs
+  before it returns, so an acknowledged example survives a crash. Examples are consumed in order; the
+  number consumed (the cursor) is saved with each checkpoint, so a restart resumes at that cursor and
+  loses nothing (examples consumed after the last checkpoint are trained on again: at least once).
+
+Relies on transformers (tokenizer) and protobuf; no torch. Tests: .venv/bin/python -m pytest
+tests/test_trainer_data.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from weightshare.v1 import trainer_service_pb2 as pb
+
+log = structlog.get_logger(__name__)
+ROLES = ("system", "user", "assistant")
+STORE_FILE = "examples.jsonl"
+
+
+class ExampleError(ValueError):
+    """An example the trainer cannot use; `code_name` is the gRPC status code to answer with."""
+
+    def __init__(self, message: str, code_name: str = "INVALID_ARGUMENT"):
+        super().__init__(message)
+        self.code_name = code_name
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    """One example ready for the loop: token ids and a same-length loss mask."""
+
+    example_id: str
+    """Client-chosen or server-assigned id."""
+    input_ids: tuple[int, ...]
+    """Token ids of the whole sequence."""
+    loss_mask: tuple[bool, ...]
+    """True where the token is a training target (predicted from the tokens before it)."""
+
+    @property
+    def target_tokens(self) -> int:
+        # Position 0 has nothing before it, so it can never be predicted.
+        return sum(self.loss_mask[1:])
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"id": self.example_id, "input_ids": list(self.input_ids), "loss_mask": [int(m) for m in self.loss_mask]},
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, line: str) -> TokenizedExample:
+        record = json.loads(line)
+        return cls(record["id"], tuple(record["input_ids"]), tuple(bool(m) for m in record["loss_mask"]))
+
+
+class Renderer:
+    """Validates examples and renders them to tokens for one model (vocabulary size, chat template)."""
+
+    def __init__(self, tokenizer, vocab_size: int, max_seq_len: int):
+        """`tokenizer`: a transformers tokenizer, or None (then only token examples are accepted)."""
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.max_seq_len = max_seq_len
+
+    def render(self, example: pb.Example, index: int = 0) -> TokenizedExample:
+        """Tokens and loss mask of `example` (`examples[index]` of a request, for error messages)."""
+        where = f"examples[{index}]"
+        kind = example.WhichOneof("content")
+        example_id = example.example_id or uuid.uuid4().hex
+        if kind == "chat":
+            ids, mask = self._render_chat(example.chat, where)
+        elif kind == "tokens":
+            ids, mask = self._check_tokens(example.tokens, where)
+        else:
+            raise ExampleError(f"{where}: content is not set: give either chat or tokens")
+        if len(ids) > self.max_seq_len:
+            raise ExampleError(
+                f"{where}: {len(ids)} tokens is longer than the trainer's max_seq_len {self.max_seq_len}"
+            )
+        result = TokenizedExample(example_id, tuple(ids), tuple(mask))
+        if result.target_tokens == 0:
+            raise ExampleError(f"{where}: no training target: the loss mask is false past the first token")
+        return result
+
+    def _check_tokens(self, tokens: pb.TokenExample, where: str) -> tuple[list[int], list[bool]]:
+        ids, mask = list(tokens.input_ids), list(tokens.loss_mask)
+        if not ids:
+            raise ExampleError(f"{where}.tokens.input_ids is empty")
+        if len(mask) != len(ids):
+            raise ExampleError(
+                f"{where}.tokens.loss_mask has {len(mask)} entries but input_ids has {len(ids)}: same length needed"
+            )
+        for i, token in enumerate(ids):
+            if token >= self.vocab_size:
+                raise ExampleError(
+                    f"{where}.tokens.input_ids[{i}] = {token} is not below the vocabulary size {self.vocab_size}"
+                )
+        return ids, mask
+
+    def _render_chat(self, chat: pb.ChatExample, where: str) -> tuple[list[int], list[bool]]:
+        messages = [{"role": m.role, "content": m.content} for m in chat.messages]
+        if not messages:
+            raise ExampleError(f"{where}.chat.messages is empty")
+        for i, message in enumerate(messages):
+            if message["role"] not in ROLES:
+                raise ExampleError(
+                    f"{where}.chat.messages[{i}].role = {message['role']!r} is not one of {', '.join(ROLES)}"
+                )
+        assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        if not assistant_turns:
+            raise ExampleError(f"{where}.chat.messages has no assistant turn: nothing to train on")
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise ExampleError(
+                f"{where}.chat: the served model's tokenizer has no chat template: submit tokens instead",
+                code_name="FAILED_PRECONDITION",
+            )
+        ids = self._tokens(messages, add_generation_prompt=False)
+        mask = [False] * len(ids)
+        for turn in assistant_turns:
+            start = len(self._tokens(messages[:turn], add_generation_prompt=True)) if turn else 0
+            upto = self._tokens(messages[: turn + 1], add_generation_prompt=False)
+            # Rendering prefixes is only valid if the template renders a conversation as the
+            # concatenation of its turns; a template that rewrites earlier turns breaks this.
+            if ids[: len(upto)] != upto or start > len(upto):
+                raise ExampleError(
+                    f"{where}.chat: the chat template does not render messages[:{turn + 1}] as a prefix of the "
+                    "whole conversation, so assistant tokens cannot be located: submit tokens instead",
+                    code_name="FAILED_PRECONDITION",
+                )
+            for i in range(start, len(upto)):
+                mask[i] = True
+        return ids, mask
+
+    def _tokens(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+        if not messages:
+            return []
+        text = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+        # The template already contains any special tokens; adding BOS again would shift the mask.
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+class ExampleStore:
+    """Append-only, fsync'd JSONL of tokenized examples, consumed in order. Thread-safe."""
+
+    def __init__(self, state_dir: str | Path, cursor: int = 0):
+        """Opens (or creates) `state_dir/examples.jsonl`; `cursor` examples count as already consumed."""
+        self.path = Path(state_dir) / STORE_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Condition()
+        self._examples: list[TokenizedExample] = self._load()
+        self._ids = {e.example_id for e in self._examples}
+        if not 0 <= cursor <= len(self._examples):
+            raise ValueError(f"cursor {cursor} is outside the store's {len(self._examples)} examples ({self.path})")
+        self._cursor = cursor
+        self._file = open(self.path, "ab")  # noqa: SIM115 (held open for the store's lifetime; close())
+
+    def _load(self) -> list[TokenizedExample]:
+        if not self.path.exists():
+            return []
+        data = self.path.read_bytes()
+        # A crash mid-append leaves a partial last line: that example was never acknowledged, drop it.
+        complete = data[: data.rfind(b"\n") + 1]
+        if len(complete) != len(data):
+            log.warning("dropping a partial last line of the example store", path=str(self.path),
+                        bytes=len(data) - len(complete))
+            with open(self.path, "r+b") as f:
+                f.truncate(len(complete))
+                os.fsync(f.fileno())
+        return [TokenizedExample.from_json(line) for line in complete.decode().splitlines() if line]
+
+    def append(self, examples: list[TokenizedExample]) -> int:
+        """Persists `examples` (all or none) and returns how many are pending afterwards."""
+        with self._lock:
+            seen = set()
+            for e in examples:
+                if e.example_id in self._ids or e.example_id in seen:
+                    raise ExampleError(f"example_id {e.example_id!r} was already submitted", "ALREADY_EXISTS")
+                seen.add(e.example_id)
+            self._file.write("".join(e.to_json() + "\n" for e in examples).encode())
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._examples.extend(examples)
+            self._ids.update(seen)
+            self._lock.notify_all()
+            return len(self._examples) - self._cursor
+
+    def peek(self, n: int, timeout_s: float) -> list[TokenizedExample]:
+        """Up to `n` pending examples, waiting at most `timeout_s` for the first; the cursor stays put.
+
+        The loop calls `consume` once the step that used them is committed or skipped, so a step that
+        fails half-way leaves its examples pending.
+        """
+        with self._lock:
+            self._lock.wait_for(lambda: len(self._examples) > self._cursor, timeout=timeout_s)
+            return self._examples[self._cursor : self._cursor + n]
+
+    def consume(self, n: int) -> None:
+        """Marks the next `n` pending examples as trained on."""
+        with self._lock:
+            assert self._cursor + n <= len(self._examples), "consuming more examples than are pending"
+            self._cursor += n
+
+    def wait_for_pending(self, n: int, timeout_s: float) -> None:
+        """Blocks until `n` examples are pending or `timeout_s` passes."""
+        with self._lock:
+            self._lock.wait_for(lambda: len(self._examples) - self._cursor >= n, timeout=timeout_s)
+
+    @property
+    def cursor(self) -> int:
+        """Examples consumed so far."""
+        with self._lock:
+            return self._cursor
+
+    @property
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._examples) - self._cursor
+
+    @property
+    def total(self) -> int:
+        with self._lock:
+            return len(self._examples)
+
+    def close(self) -> None:
+        self._file.close()

@@ -1,0 +1,400 @@
+"""The training loop: a thread that trains the shared model on pending examples, one update per step.
+
+Each optimizer step:
+  1. takes up to `examples_per_step` pending examples from the `ExampleStore` (waiting up to
+     `batch_wait_s` for a full batch), one example per micro-batch, gradients accumulated so the step
+     minimises the mean loss per target token over all of them;
+  2. checks the loss and the gradient norm: if either is not finite the step is SKIPPED before anything
+     is paused or written (gradients dropped, examples consumed);
+  3. runs the update protocol around the write: `begin(step)` (strict mode: vLLM pauses at a forward-step
+     boundary; concurrent mode: no pause) -> `optimizer.step()` (writes in place into vLLM's memory) ->
+     `commit(step)` (new weights version, prefix cache reset, serving resumes);
+  4. publishes a progress event (`weightshare.v1.StreamProgressResponse`).
+
+Checkpoints (every `checkpoint_every` steps, at max_steps, and on request) are directories
+`state_dir/checkpoints/step-NNNNNNNN` holding the weights as HF safetensors with the config and the
+served model's tokenizer files (so vLLM or `from_pretrained` can load the directory), `optimizer.pt`
+and `trainer_state.json` (step, data cursor, weights version). They are written to a temporary
+directory and renamed into place, so a crash never leaves a half checkpoint.
+
+Resuming (`TrainingLoop.restore`) loads the optimizer state and the counters; the weights themselves
+already live in vLLM, which kept serving. NOTE: if vLLM restarted, it serves the original weights
+again: serve the latest checkpoint directory instead (`weightshare serve state_dir/checkpoints/step-N`)
+before restarting the trainer, or the optimizer state will not match the weights.
+
+Relies on torch and the attached `UpdateStream`. Run through `weightshare train` (trainer_side/train.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import structlog
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer_side.data import ExampleStore, TokenizedExample
+from weightshare.v1 import trainer_service_pb2 as pb
+
+log = structlog.get_logger(__name__)
+CHECKPOINTS_DIR = "checkpoints"
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+# Files of the served model directory that make a checkpoint loadable on its own.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+    "chat_template.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
+    "generation_config.json",
+)
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """Settings of the training loop (StartTraining may override lr, max_steps and examples_per_step)."""
+
+    lr: float = 1e-4
+    """Peak learning rate of every param group."""
+    warmup_steps: int = 0
+    """Linear warm-up from lr/warmup_steps to lr over this many steps (0: constant lr)."""
+    examples_per_step: int = 1
+    """Examples per optimizer step; each is one micro-batch and gradients accumulate over them."""
+    max_steps: int = 0
+    """Stop after this many steps of one run (counted from StartTraining); 0 runs until stopped."""
+    checkpoint_every: int = 0
+    """Write a checkpoint every this many steps (0: only at max_steps, on stop and on request)."""
+    keep_checkpoints: int = 2
+    """Step-numbered checkpoints kept in state_dir/checkpoints; older ones are deleted (0 keeps all)."""
+    batch_wait_s: float = 1.0
+    """How long a step waits for a full batch before training on the examples pending."""
+    max_pause_s: float = 0.0
+    """Longest time vLLM may stay paused for one update before the server aborts it (0: its default)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more compute."""
+
+    def __post_init__(self) -> None:
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr {self.lr} must be a positive number")
+        for name in ("warmup_steps", "max_steps", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} {getattr(self, name)} must not be negative")
+        if self.examples_per_step < 1:
+            raise ValueError(f"examples_per_step {self.examples_per_step} must be at least 1")
+
+
+@dataclass
+class Counters:
+    """What the loop has done, saved in trainer_state.json and restored on resume."""
+
+    step: int = 0
+    """Optimizer steps committed."""
+    weights_version: int = 0
+    """Inference-side weights version after the last commit."""
+    skipped_steps: int = 0
+    """Steps skipped because the loss or gradient norm was not finite."""
+    last_loss: float = 0.0
+    """Loss of the last committed step."""
+
+
+def checkpoint_dir_for(state_dir: Path, step: int) -> Path:
+    return state_dir / CHECKPOINTS_DIR / f"step-{step:08d}"
+
+
+def latest_checkpoint(state_dir: Path) -> Path | None:
+    """The newest complete step-numbered checkpoint in `state_dir`, or None."""
+    root = state_dir / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return None
+    done = [p for p in root.glob("step-*") if (p / STATE_FILE).is_file()]
+    return max(done, key=lambda p: int(p.name.removeprefix("step-")), default=None)
+
+
+def read_checkpoint_state(path: Path) -> dict:
+    """trainer_state.json of a checkpoint: counters, `cursor` and `examples_per_step`."""
+    return json.loads((path / STATE_FILE).read_text())
+
+
+class TrainingLoop:
+    """Owns the model, optimizer and example store while training; thread-safe start/stop/checkpoint."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        store: ExampleStore,
+        open_updates: Callable[[], object],
+        state_dir: Path,
+        model_dir: str,
+        config: LoopConfig,
+        publish: Callable[[pb.StreamProgressResponse], None],
+        weights_version: int = 0,
+    ):
+        """`open_updates()` returns a new UpdateStream (begin/commit/abort/close); `publish` receives
+        every progress event, from the loop's thread; `model_dir` is where tokenizer files are copied
+        from into checkpoints."""
+        self.model = model
+        self.optimizer = optimizer
+        self.store = store
+        self.state_dir = Path(state_dir)
+        self.model_dir = model_dir
+        self.config = config
+        self._open_updates = open_updates
+        self._publish = publish
+        self.counters = Counters(weights_version=weights_version)
+        self.last_checkpoint = ""
+        self.error = ""
+        self._params = [p for group in optimizer.param_groups for p in group["params"]]
+        self._device = self._params[0].device
+        # Held for a whole step and for a checkpoint, so a checkpoint always sees committed weights.
+        self._step_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._updates = None  # the UpdateStream of the running loop
+        model.train()  # HF only checkpoints activations in training mode
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    # ---- control, called from the service's threads ----
+
+    def restore(self, checkpoint: Path) -> None:
+        """Loads optimizer state and counters from `checkpoint` (the store was opened at its cursor)."""
+        state = read_checkpoint_state(checkpoint)
+        self.optimizer.load_state_dict(torch.load(checkpoint / OPTIMIZER_FILE, map_location=self._device))
+        self.counters = Counters(**state["counters"])
+        self.last_checkpoint = str(checkpoint)
+        log.info("resumed", checkpoint=str(checkpoint), step=self.counters.step, cursor=state["cursor"])
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self, config: LoopConfig | None = None) -> tuple[bool, int]:
+        """Starts the loop thread (with `config` replacing the current settings); (already_running, step)."""
+        if self.running:
+            return True, self.counters.step
+        if config is not None:
+            self.config = config
+        self._stop.clear()
+        self.error = ""
+        self._thread = threading.Thread(target=self._run, name="training-loop", daemon=True)
+        self._thread.start()
+        return False, self.counters.step
+
+    def stop(self, checkpoint: bool) -> tuple[int, str]:
+        """Stops after the current step (or within `batch_wait_s` when idle) and waits for it;
+        returns (last step, checkpoint path or "")."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        path = self.save_checkpoint() if checkpoint else ""
+        return self.counters.step, path
+
+    def status(self) -> pb.GetTrainingStatusResponse:
+        c = self.counters
+        return pb.GetTrainingStatusResponse(
+            running=self.running, step=c.step, weights_version=c.weights_version,
+            pending_examples=self.store.pending, trained_examples=self.store.cursor, last_loss=c.last_loss,
+            last_checkpoint=self.last_checkpoint, skipped_steps=c.skipped_steps,
+        )
+
+    def with_overrides(self, overrides: pb.TrainingOverrides) -> LoopConfig:
+        """The current config with the non-zero fields of `overrides` applied (ValueError if invalid)."""
+        changes = {}
+        if overrides.learning_rate:
+            changes["lr"] = overrides.learning_rate
+        if overrides.max_steps:
+            changes["max_steps"] = overrides.max_steps
+        if overrides.examples_per_step:
+            changes["examples_per_step"] = overrides.examples_per_step
+        return dataclasses.replace(self.config, **changes)
+
+    # ---- the loop thread ----
+
+    def _run(self) -> None:
+        start_step = self.counters.step
+        reason = "stopped on request"
+        self._updates = self._open_updates()
+        try:
+            while not self._stop.is_set():
+                if self.config.max_steps and self.counters.step - start_step >= self.config.max_steps:
+                    reason = f"max_steps {self.config.max_steps} reached"
+                    break
+                batch = self._next_batch()
+                if not batch:
+                    continue
+                with self._step_lock:
+                    event = self._train_step(batch)
+                self._publish(event)
+                every = self.config.checkpoint_every
+                if every and event.kind == pb.PROGRESS_KIND_STEP and self.counters.step % every == 0:
+                    self.save_checkpoint()
+        except grpc.RpcError as err:
+            self.error = reason = f"update protocol failed: {err.code().name}: {err.details()}"
+        except Exception as err:  # surfaced in the STOPPED event and status; the service keeps running
+            log.exception("training loop failed")
+            self.error = reason = f"training loop failed: {type(err).__name__}: {err}"
+        finally:
+            self._updates.close()
+        if reason.startswith("max_steps"):
+            self.save_checkpoint()
+        log.info("training loop stopped", reason=reason, step=self.counters.step)
+        self._publish(self._event(pb.PROGRESS_KIND_STOPPED, message=reason))
+
+    def _next_batch(self) -> list[TokenizedExample]:
+        n = self.config.examples_per_step
+        batch = self.store.peek(n, timeout_s=0.5)
+        if batch and len(batch) < n:
+            self.store.wait_for_pending(n, self.config.batch_wait_s)
+            batch = self.store.peek(n, timeout_s=0)
+        return [] if self._stop.is_set() else batch
+
+    def _lr_at(self, step: int) -> float:
+        warmup = self.config.warmup_steps
+        return self.config.lr * min(1.0, (step + 1) / warmup) if warmup else self.config.lr
+
+    def _begin(self, step: int) -> None:
+        """`begin` on the update stream, reopening it once if it broke while idle (nothing written yet)."""
+        try:
+            self._updates.begin(step, self.config.max_pause_s)
+        except grpc.RpcError as err:
+            if err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+                raise
+            log.warning("update stream broke while idle; reopening", code=err.code().name, details=err.details())
+            self._updates.close()
+            self._updates = self._open_updates()
+            self._updates.begin(step, self.config.max_pause_s)
+
+    def _train_step(self, batch: list[TokenizedExample]) -> pb.StreamProgressResponse:
+        t0 = time.perf_counter()
+        lr = self._lr_at(self.counters.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        tokens = sum(e.target_tokens for e in batch)
+        loss_sum = 0.0
+        for example in batch:
+            ids = torch.tensor([example.input_ids], device=self._device)  # (1, T)
+            targets_mask = torch.tensor(example.loss_mask[1:], device=self._device)  # (T-1,)
+            logits = self.model(input_ids=ids, use_cache=False).logits[0, :-1].float()  # (T-1, vocab)
+            per_token = F.cross_entropy(logits, ids[0, 1:], reduction="none")
+            loss = (per_token * targets_mask).sum()
+            # Dividing by the step's target tokens makes the accumulated gradient that of the mean loss.
+            (loss / tokens).backward()
+            loss_sum += loss.item()
+        mean_loss = loss_sum / tokens
+        grads = [p.grad for p in self._params if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm(grads).item() if grads else 0.0
+        if not (math.isfinite(mean_loss) and math.isfinite(grad_norm)):
+            # Checked before begin: nothing paused, nothing written.
+            self.optimizer.zero_grad(set_to_none=True)
+            self.store.consume(len(batch))
+            self.counters.skipped_steps += 1
+            log.warning("step skipped", step=self.counters.step + 1, loss=mean_loss, grad_norm=grad_norm)
+            return self._event(
+                pb.PROGRESS_KIND_SKIPPED, loss=mean_loss, grad_norm=grad_norm, tokens=tokens, learning_rate=lr,
+                message=f"non-finite loss {mean_loss} or grad norm {grad_norm}: no update applied",
+            )
+
+        step = self.counters.step + 1
+        t_backward = time.perf_counter()
+        self._begin(step)
+        try:
+            self.optimizer.step()
+        except BaseException as err:
+            # Resume serving; the weights may be partly written, which the message says.
+            self._updates.abort(f"optimizer step {step} failed: {type(err).__name__}: {err}")
+            raise
+        ack = self._updates.commit(step)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.store.consume(len(batch))
+        self.counters.step = step
+        self.counters.weights_version = ack.weights_version
+        self.counters.last_loss = mean_loss
+        seconds = time.perf_counter() - t0
+        log.info("step", step=step, loss=round(mean_loss, 4), tokens=tokens, grad_norm=round(grad_norm, 4),
+                 lr=lr, weights_version=ack.weights_version, forward_backward_s=round(t_backward - t0, 3),
+                 update_s=round(seconds - (t_backward - t0), 3), paused_s=round(ack.paused_seconds, 3))
+        return self._event(
+            pb.PROGRESS_KIND_STEP, loss=mean_loss, tokens=tokens, grad_norm=grad_norm, learning_rate=lr,
+            paused_seconds=ack.paused_seconds, step_seconds=seconds, tokens_per_second=tokens / seconds,
+        )
+
+    def _event(self, kind: int, **fields) -> pb.StreamProgressResponse:
+        return pb.StreamProgressResponse(
+            kind=kind, step=self.counters.step, weights_version=self.counters.weights_version,
+            pending_examples=self.store.pending, **fields,
+        )
+
+    # ---- checkpoints ----
+
+    def save_checkpoint(self, path: str | Path | None = None) -> str:
+        """Writes a checkpoint of the committed state to `path` (default: step-numbered in the state dir)."""
+        with self._step_lock:
+            step = self.counters.step
+            target = Path(path) if path else checkpoint_dir_for(self.state_dir, step)
+            self._write_checkpoint(target)
+            if not path:
+                self.last_checkpoint = str(target)
+                self._prune_checkpoints()
+        log.info("checkpoint written", path=str(target), step=step)
+        self._publish(self._event(pb.PROGRESS_KIND_CHECKPOINT, message=str(target)))
+        return str(target)
+
+    def _write_checkpoint(self, target: Path) -> None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
+        # Every parameter is a view into one shared storage, which transformers would take for tied
+        # weights and drop; save CPU copies instead (tied parameters keep sharing one copy).
+        copies: dict[int, torch.Tensor] = {}
+        state_dict = {}
+        for name, tensor in self.model.state_dict(keep_vars=True).items():
+            if id(tensor) not in copies:
+                copies[id(tensor)] = tensor.detach().to("cpu", copy=True)
+            state_dict[name] = copies[id(tensor)]
+        self.model.save_pretrained(tmp, state_dict=state_dict)
+        del copies, state_dict
+        source = Path(self.model_dir)
+        for name in TOKENIZER_FILES:
+            if (source / name).is_file() and not (tmp / name).exists():
+                shutil.copy2(source / name, tmp / name)
+        torch.save(self.optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        state = {
+            "counters": dataclasses.asdict(self.counters), "cursor": self.store.cursor,
+            "examples_total": self.store.total, "served_model": self.model_dir, "time": time.time(),
+        }
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+        for file in tmp.iterdir():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+        if target.exists():  # re-saving the same step: move the old one aside, then swap
+            old = target.parent / f".old-{target.name}-{uuid.uuid4().hex[:8]}"
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, target)
+        dir_fd = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def _prune_checkpoints(self) -> None:
+        keep = self.config.keep_checkpoints
+        root = self.state_dir / CHECKPOINTS_DIR
+        done = sorted((p for p in root.glob("step-*") if (p / STATE_FILE).is_file()),
+                      key=lambda p: int(p.name.removeprefix("step-")))
+        for old in done[:-keep] if keep else []:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in root.glob(".tmp-*"):  # left by a crash mid-write
+            shutil.rmtree(stale, ignore_errors=True)

@@ -1,0 +1,210 @@
+"""TrainerService (grpc.aio): submit examples, start/stop training, stream progress, status, checkpoints.
+
+The servicer validates at the boundary (INVALID_ARGUMENT naming the field and value, FAILED_PRECONDITION
+when the trainer's state forbids the call, RESOURCE_EXHAUSTED for requests or queues over their bounds)
+and hands the work to `TrainingLoop` and `ExampleStore`, whose blocking calls (fsync, joining the loop,
+writing checkpoints) run in threads so the event loop keeps serving. `ProgressHub` fans progress events
+out to any number of StreamProgress watchers, with a bounded history for late joiners.
+
+Relies on grpc and the trainer's loop and data modules. Started by `weightshare train`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+from dataclasses import dataclass
+
+import grpc
+import structlog
+
+from trainer_side.data import ExampleError, Renderer
+from trainer_side.loop import TrainingLoop
+from weightshare import grpc_util
+from weightshare.v1 import trainer_service_pb2 as pb
+from weightshare.v1 import trainer_service_pb2_grpc as pb_grpc
+from weightshare.v1 import weight_export_service_pb2 as export_pb
+
+log = structlog.get_logger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TrainerService"].full_name
+_CLOSED = None  # sentinel put in a watcher's queue when the server shuts down
+
+
+@dataclass(frozen=True)
+class ServiceLimits:
+    """Bounds that keep one client from exhausting the trainer."""
+
+    max_examples_per_request: int = 1024
+    """SubmitExamples with more examples than this is refused with RESOURCE_EXHAUSTED."""
+    max_pending_examples: int = 100_000
+    """Submissions that would leave more examples pending than this are refused with RESOURCE_EXHAUSTED."""
+    history_events: int = 1000
+    """Progress events kept for StreamProgress(include_history=True)."""
+    watcher_queue: int = 1000
+    """Events buffered per watcher; a watcher that falls further behind loses the oldest."""
+
+
+class ProgressHub:
+    """Fans events out to asyncio watchers; `publish_threadsafe` may be called from any thread."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, limits: ServiceLimits):
+        self._loop = loop
+        self._limits = limits
+        self.history: collections.deque = collections.deque(maxlen=limits.history_events)
+        self._watchers: set[asyncio.Queue] = set()
+
+    def publish_threadsafe(self, event: pb.StreamProgressResponse) -> None:
+        if not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._publish, event)
+
+    def _publish(self, event: pb.StreamProgressResponse | None) -> None:
+        if event is not _CLOSED:
+            self.history.append(event)
+        for queue in self._watchers:
+            if queue.full():  # a slow watcher loses its oldest event rather than stalling the others
+                queue.get_nowait()
+            queue.put_nowait(event)
+
+    def subscribe(self, include_history: bool) -> asyncio.Queue:
+        # Runs on the event loop, like _publish: history and live events neither overlap nor miss one.
+        queue: asyncio.Queue = asyncio.Queue(maxsize=self._limits.watcher_queue + len(self.history))
+        if include_history:
+            for event in self.history:
+                queue.put_nowait(event)
+        self._watchers.add(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue) -> None:
+        self._watchers.discard(queue)
+
+    def close(self) -> None:
+        self._publish(_CLOSED)
+
+
+class TrainerServicer(pb_grpc.TrainerServiceServicer):
+    def __init__(
+        self, loop: TrainingLoop, renderer: Renderer, hub: ProgressHub, inference_address: str,
+        server_update_mode: int, limits: ServiceLimits,
+    ):
+        self._loop = loop
+        self._renderer = renderer
+        self._hub = hub
+        self._inference_address = inference_address
+        self._server_update_mode = server_update_mode
+        self._limits = limits
+        # One control call (start/stop/checkpoint) at a time: they join threads and write directories.
+        self._control = asyncio.Lock()
+
+    async def SubmitExamples(self, request: pb.SubmitExamplesRequest, context: grpc.aio.ServicerContext):
+        count = len(request.examples)
+        if count == 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "examples is empty: submit at least one")
+        if count > self._limits.max_examples_per_request:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{count} examples in one request; at most {self._limits.max_examples_per_request}: split it",
+            )
+        pending = self._loop.store.pending
+        if pending + count > self._limits.max_pending_examples:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{pending} examples pending + {count} would exceed max_pending_examples "
+                f"{self._limits.max_pending_examples}: wait for training to catch up",
+            )
+        try:
+            ids, pending = await asyncio.to_thread(self._render_and_store, request.examples)
+        except ExampleError as err:
+            await context.abort(getattr(grpc.StatusCode, err.code_name), str(err))
+        return pb.SubmitExamplesResponse(example_ids=ids, pending_examples=pending)
+
+    def _render_and_store(self, examples) -> tuple[list[str], int]:
+        rendered = [self._renderer.render(example, i) for i, example in enumerate(examples)]
+        # append fsyncs before returning: an acknowledged example is never lost.
+        pending = self._loop.store.append(rendered)
+        return [e.example_id for e in rendered], pending
+
+    async def StartTraining(self, request: pb.StartTrainingRequest, context: grpc.aio.ServicerContext):
+        overrides = request.overrides
+        mode = overrides.update_mode
+        if mode and mode != self._server_update_mode:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"overrides.update_mode {export_pb.UpdateMode.Name(mode)} differs from the inference side's "
+                f"{export_pb.UpdateMode.Name(self._server_update_mode)}, which decides whether serving pauses: "
+                "restart `weightshare serve` with the other --update-mode",
+            )
+        if overrides.learning_rate < 0 or overrides.learning_rate != overrides.learning_rate:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"overrides.learning_rate {overrides.learning_rate} must be positive (or 0 for the default)",
+            )
+        async with self._control:
+            if self._loop.running:
+                return pb.StartTrainingResponse(already_running=True, step=self._loop.counters.step)
+            try:
+                config = self._loop.with_overrides(overrides)
+            except ValueError as err:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"overrides: {err}")
+            already, step = self._loop.start(config)
+        return pb.StartTrainingResponse(already_running=already, step=step)
+
+    async def StopTraining(self, request: pb.StopTrainingRequest, context: grpc.aio.ServicerContext):
+        async with self._control:
+            step, path = await asyncio.to_thread(self._loop.stop, request.checkpoint)
+        return pb.StopTrainingResponse(step=step, checkpoint_path=path)
+
+    async def StreamProgress(self, request: pb.StreamProgressRequest, context: grpc.aio.ServicerContext):
+        queue = self._hub.subscribe(request.include_history)
+        try:
+            while (event := await queue.get()) is not _CLOSED:
+                yield event
+        finally:
+            self._hub.unsubscribe(queue)
+
+    async def GetTrainingStatus(self, request: pb.GetTrainingStatusRequest, context: grpc.aio.ServicerContext):
+        status = self._loop.status()
+        status.inference_address = self._inference_address
+        return status
+
+    async def SaveCheckpoint(self, request: pb.SaveCheckpointRequest, context: grpc.aio.ServicerContext):
+        path = request.path
+        if path and not os.path.isabs(path):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"path {path!r} must be absolute")
+        if path and os.path.exists(path):
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"path {path!r} exists: name a new directory")
+        async with self._control:
+            try:
+                written = await asyncio.to_thread(self._loop.save_checkpoint, path or None)
+            except OSError as err:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"cannot write checkpoint {path!r}: {err}")
+        c = self._loop.counters
+        return pb.SaveCheckpointResponse(path=written, step=c.step, weights_version=c.weights_version)
+
+
+@dataclass
+class TrainerServer:
+    server: grpc.aio.Server
+    hub: ProgressHub
+    address: str
+
+    async def stop(self, grace_seconds: float) -> None:
+        self.hub.close()  # ends StreamProgress calls, which would otherwise hold the grace period
+        await self.server.stop(grace_seconds)
+        log.info("trainer service stopped", address=self.address)
+
+
+async def start_trainer_server(
+    loop: TrainingLoop, renderer: Renderer, hub: ProgressHub, address: str, token: str | None,
+    inference_address: str, server_update_mode: int, limits: ServiceLimits,
+) -> TrainerServer:
+    """Starts TrainerService with health and reflection on `address` (`loop` publishes into `hub`)."""
+    servicer = TrainerServicer(loop, renderer, hub, inference_address, server_update_mode, limits)
+    server = grpc_util.create_server(token)
+    pb_grpc.add_TrainerServiceServicer_to_server(servicer, server)
+    health = grpc_util.add_health_and_reflection(server, [SERVICE_NAME])
+    bound = grpc_util.bind(server, address)
+    await server.start()
+    await grpc_util.mark_serving(health, [SERVICE_NAME])
+    log.info("trainer service listening", address=bound, auth="token" if token else "none")
+    return TrainerServer(server, hub, bound)

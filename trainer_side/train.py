@@ -1,0 +1,209 @@
+"""`weightshare train`: attach to a served model, train it in place, serve TrainerService until stopped.
+
+Attaches to WeightExportService at --inference, binds an HF model to vLLM's weights (zero-copy), builds
+APOLLO / APOLLO-Mini (AdamW for embeddings, norms and lm_head), resumes optimizer state and the data
+cursor from the newest checkpoint in --state-dir, and serves TrainerService on --grpc. Examples
+submitted over gRPC are persisted in --state-dir before they are acknowledged, then trained on as they
+arrive (unless --no-autostart: then StartTraining starts the loop). SIGTERM/SIGINT: finish the current
+step, write a checkpoint, detach.
+
+Example:
+    weightshare serve ./tiny-qwen3_5 --grpc unix:///tmp/ws.sock &
+    weightshare train --inference unix:///tmp/ws.sock --grpc unix:///tmp/trainer.sock \\
+        --state-dir ./run1 --optimizer apollo_mini --lr 1e-3 --examples-per-step 4 --checkpoint-every 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+import structlog
+
+from weightshare import grpc_util
+from weightshare.logs import configure_logging
+
+log = structlog.get_logger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__.split("\n\n", 1)[1]
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    token = os.environ.get("WEIGHTSHARE_TOKEN")
+    parser.add_argument(
+        "--inference", default=grpc_util.default_socket_address("inference"),
+        help="WeightExportService address of `weightshare serve` (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--grpc", default=grpc_util.default_socket_address("trainer"),
+        help="address to serve TrainerService on: unix:///path.sock or host:port (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--state-dir", required=True, type=Path,
+        help="where submitted examples (examples.jsonl) and checkpoints (checkpoints/step-N) live; "
+        "restarting on the same directory resumes where the trainer left off",
+    )
+    parser.add_argument(
+        "--token", default=token,
+        help="require 'authorization: Bearer TOKEN' on TrainerService calls (default: $WEIGHTSHARE_TOKEN; none)",
+    )
+    parser.add_argument(
+        "--inference-token", default=token,
+        help="bearer token for WeightExportService (default: $WEIGHTSHARE_TOKEN; none)",
+    )
+    parser.add_argument("--name", default="weightshare-train", help="trainer name shown by the inference side")
+    parser.add_argument(
+        "--optimizer", choices=["apollo", "apollo_mini"], default="apollo_mini",
+        help="APOLLO (rank 256, per-channel scaling) or APOLLO-Mini (rank 1, per-tensor) for the projection "
+        "matrices (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--other-params", choices=["adamw", "frozen"], default="adamw",
+        help="embeddings, norms, lm_head and other non-projection parameters: train with AdamW or freeze "
+        "(default: %(default)s)",
+    )
+    parser.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (default: %(default)s)")
+    parser.add_argument("--warmup-steps", type=int, default=0, help="linear LR warm-up steps (default: none)")
+    parser.add_argument(
+        "--examples-per-step", type=int, default=1,
+        help="examples per optimizer step, one micro-batch each, gradients accumulated (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-steps", type=int, default=0, help="stop the loop after this many steps (default: 0, never)"
+    )
+    parser.add_argument(
+        "--checkpoint-every", type=int, default=0,
+        help="checkpoint every N steps (default: 0: only on stop, at --max-steps and on request)",
+    )
+    parser.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept (0: all; default 2)")
+    parser.add_argument(
+        "--max-seq-len", type=int, default=2048, help="longest example accepted, in tokens (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--update-mode", choices=["auto", "strict", "concurrent"], default="auto",
+        help="expected update mode of the inference side, which decides it (`weightshare serve --update-mode`): "
+        "strict pauses serving during each write, concurrent never does; auto accepts either",
+    )
+    parser.add_argument(
+        "--max-pause", type=float, default=0.0,
+        help="seconds vLLM may stay paused per update before it aborts the update (default: server's, 30)",
+    )
+    parser.add_argument(
+        "--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory)"
+    )
+    parser.add_argument(
+        "--no-autostart", dest="autostart", action="store_false",
+        help="do not start the training loop until a StartTraining call",
+    )
+    parser.add_argument(
+        "--torch-threads", type=int, default=0,
+        help="torch CPU threads (default: torch's choice). On a CPU shared with vLLM use 1: vLLM's worker "
+        "keeps its cores busy, and multi-threaded torch kernels then stall at every barrier",
+    )
+    parser.add_argument("--log-level", default="INFO", help="log level (default: %(default)s)")
+
+
+def _load_tokenizer(model_dir: str):
+    """The served model's tokenizer, or None (then only token examples are accepted)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as err:
+        log.warning("no tokenizer for the served model: chat examples will be refused", model=model_dir,
+                    error=str(err))
+        return None
+
+
+def run(args: argparse.Namespace) -> int:
+    configure_logging(args.log_level)
+    grpc_util.validate_address(args.inference)
+    grpc_util.validate_address(args.grpc)
+    from trainer_side.attach import AttachError, attach
+    from trainer_side.data import ExampleStore, Renderer
+    from trainer_side.hf_model import BindError, build_shared_model
+    from trainer_side.loop import LoopConfig, latest_checkpoint, read_checkpoint_state
+    from trainer_side.param_groups import build_optimizer, preset
+    from weightshare.v1 import weight_export_service_pb2 as export_pb
+
+    config = LoopConfig(
+        lr=args.lr, warmup_steps=args.warmup_steps, examples_per_step=args.examples_per_step,
+        max_steps=args.max_steps, checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
+        max_pause_s=args.max_pause, gradient_checkpointing=args.gradient_checkpointing,
+    )
+    if args.torch_threads:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
+    state_dir: Path = args.state_dir.resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        weights = attach(args.inference, token=args.inference_token, trainer_name=args.name)
+    except AttachError as err:
+        log.error("cannot attach to the inference side", address=args.inference, error=str(err))
+        return 1
+    try:
+        served_mode = export_pb.UpdateMode.Name(weights.info.update_mode)
+        if args.update_mode != "auto" and served_mode != f"UPDATE_MODE_{args.update_mode.upper()}":
+            log.error("the inference side runs another update mode: restart it with --update-mode or pass auto",
+                      expected=args.update_mode, served=served_mode)
+            return 2
+        try:
+            shared = build_shared_model(weights)
+        except BindError as err:
+            log.error("cannot bind an HF model to the served weights", error=str(err))
+            return 1
+        optimizer = build_optimizer(
+            shared.model, preset(args.optimizer, lr=args.lr, other_policy=args.other_params)
+        )
+        model_dir = weights.identity.model
+        renderer = Renderer(_load_tokenizer(model_dir), shared.model.config.vocab_size, args.max_seq_len)
+        checkpoint = latest_checkpoint(state_dir)
+        cursor = read_checkpoint_state(checkpoint)["cursor"] if checkpoint else 0
+        store = ExampleStore(state_dir, cursor)
+        try:
+            asyncio.run(_serve(args, config, shared, optimizer, store, renderer, weights, checkpoint, state_dir))
+        finally:
+            store.close()
+    finally:
+        weights.close()
+    return 0
+
+
+async def _serve(args, config, shared, optimizer, store, renderer, weights, checkpoint, state_dir) -> None:
+    from trainer_side.loop import TrainingLoop
+    from trainer_side.service import ProgressHub, ServiceLimits, start_trainer_server
+
+    limits = ServiceLimits()
+    hub = ProgressHub(asyncio.get_running_loop(), limits)
+    loop = TrainingLoop(
+        shared.model, optimizer, store, weights.update_stream, state_dir, weights.identity.model, config,
+        hub.publish_threadsafe,
+    )
+    if checkpoint is not None:
+        loop.restore(checkpoint)
+        if weights.identity.weights_version < loop.counters.weights_version:
+            log.warning(
+                "the inference side's weights are older than the checkpoint: vLLM restarted? serve the "
+                "checkpoint directory instead, or training continues from the original weights",
+                served_version=weights.identity.weights_version, checkpoint=str(checkpoint),
+            )
+    loop.counters.weights_version = weights.identity.weights_version  # the served version is the truth
+    server = await start_trainer_server(
+        loop, renderer, hub, args.grpc, args.token, args.inference, weights.info.update_mode, limits
+    )
+    log.info("trainer ready", step=loop.counters.step, pending=store.pending, trained=store.cursor,
+             optimizer=args.optimizer, state_dir=str(state_dir))
+    if args.autostart:
+        loop.start()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping: finishing the current step, then a checkpoint")
+    step, path = await asyncio.to_thread(loop.stop, True)
+    await server.stop(grace_seconds=2.0)
+    log.info("trainer stopped", step=step, checkpoint=path)
