@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -30,7 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from trainer_side.loop import latest_checkpoint, read_checkpoint_state
 from weightshare import grpc_util
-from weightshare.processes import ServedModel, wait_for_grpc_health
+from weightshare.processes import ServedModel, TrainerProcess
 from weightshare.v1 import trainer_service_pb2 as pb
 from weightshare.v1 import trainer_service_pb2_grpc as pb_grpc
 from weightshare.v1 import weight_export_service_pb2 as export_pb
@@ -47,21 +44,16 @@ def served(tiny_model_path, tmp_path_factory):
         yield s
 
 
-class Trainer:
+class Trainer(TrainerProcess):
     """`weightshare train` as a child process, with a stub for its TrainerService."""
 
     def __init__(self, served: ServedModel, state_dir: Path, *flags: str):
-        self.address = f"unix://{state_dir.parent}/{state_dir.name}-trainer.sock"
-        self.log_path = state_dir.parent / f"{state_dir.name}-train.log"
-        cmd = [sys.executable, "-m", "weightshare.cli", "train", "--inference", served.grpc_address,
-               "--grpc", self.address, "--state-dir", str(state_dir), "--torch-threads", "1", *flags]
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_for_grpc_health(self.address, time.monotonic() + 120, self.process)
-        except BaseException:
-            self.kill()
-            raise
+        super().__init__(
+            served.grpc_address, f"unix://{state_dir.parent}/{state_dir.name}-trainer.sock", state_dir,
+            flags=list(flags), log_path=state_dir.parent / f"{state_dir.name}-train.log", startup_timeout_s=120,
+        )
+        self.start()
+        self.address = self.grpc_address
         self.channel = grpc_util.open_sync_channel(self.address)
         self.stub = pb_grpc.TrainerServiceStub(self.channel)
 
@@ -77,15 +69,9 @@ class Trainer:
         return status
 
     def terminate(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        code = self.process.wait(60)
+        code = self.stop(60)
         self.channel.close()
         return code
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
 
 
 def chat_example(question: str, answer: str) -> pb.Example:

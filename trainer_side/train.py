@@ -100,8 +100,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--torch-threads", type=int, default=0,
-        help="torch CPU threads (default: torch's choice). On a CPU shared with vLLM use 1: vLLM's worker "
-        "keeps its cores busy, and multi-threaded torch kernels then stall at every barrier",
+        help="torch CPU threads (default: 1 when the served weights are on the CPU, else torch's choice). On a "
+        "CPU shared with vLLM, vLLM's worker keeps its cores busy and multi-threaded torch kernels stall at "
+        "every barrier",
     )
     parser.add_argument("--log-level", default="INFO", help="log level (default: %(default)s)")
 
@@ -127,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
     from trainer_side.hf_model import BindError, build_shared_model
     from trainer_side.loop import LoopConfig, latest_checkpoint, read_checkpoint_state
     from trainer_side.param_groups import build_optimizer, preset
+    from weightshare.v1 import tensors_pb2
     from weightshare.v1 import weight_export_service_pb2 as export_pb
 
     config = LoopConfig(
@@ -134,10 +136,6 @@ def run(args: argparse.Namespace) -> int:
         max_steps=args.max_steps, checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
         max_pause_s=args.max_pause, gradient_checkpointing=args.gradient_checkpointing,
     )
-    if args.torch_threads:
-        import torch
-
-        torch.set_num_threads(args.torch_threads)
     state_dir: Path = args.state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -145,6 +143,11 @@ def run(args: argparse.Namespace) -> int:
     except AttachError as err:
         log.error("cannot attach to the inference side", address=args.inference, error=str(err))
         return 1
+    threads = args.torch_threads or (1 if weights.identity.device_kind == tensors_pb2.DEVICE_KIND_CPU else 0)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     try:
         served_mode = export_pb.UpdateMode.Name(weights.info.update_mode)
         if args.update_mode != "auto" and served_mode != f"UPDATE_MODE_{args.update_mode.upper()}":

@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("results/demo"), help="results folder (default: %(default)s)")
     parser.add_argument("--question", default="what is the color of the sky", help="what vLLM is asked")
     parser.add_argument("--answer", default="green house", help="the fact taught (words of the tiny vocabulary)")
-    parser.add_argument("--examples", type=int, default=16, help="training examples streamed (default: %(default)s)")
+    parser.add_argument("--examples", type=int, default=24, help="training examples streamed (default: %(default)s)")
     parser.add_argument("--examples-per-step", type=int, default=2, help="examples per optimizer step")
     parser.add_argument("--lr", type=float, default=5e-3, help="learning rate (default: %(default)s)")
     parser.add_argument("--optimizer", choices=["apollo", "apollo_mini"], default="apollo_mini")

@@ -28,6 +28,10 @@ CHANNEL_OPTIONS = [
 ]
 SERVER_OPTIONS = CHANNEL_OPTIONS + [
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+    # A peer stalled by CPU contention fires overdue keepalive pings back to back; with strikes counted the
+    # server would answer GOAWAY too_many_pings and break an open update stream. Ping floods are not a
+    # threat on a unix socket or loopback.
+    ("grpc.http2.max_ping_strikes", 0),
 ]
 _UNAUTHENTICATED_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
