@@ -39,12 +39,9 @@ async def start_export_server(engine, address: str, token: str | None, mode: int
     describes = await engine.collective_rpc("weightshare_describe")
     coordinator = UpdateCoordinator(engine, mode)
     servicer = WeightExportServicer(engine, coordinator, describes)
-    server = grpc_util.create_server(token)
-    pb_grpc.add_WeightExportServiceServicer_to_server(servicer, server)
-    health = grpc_util.add_health_and_reflection(server, [SERVICE_NAME])
-    bound = grpc_util.bind(server, address)
-    await server.start()
-    await grpc_util.mark_serving(health, [SERVICE_NAME])
+    server, bound = await grpc_util.start_server(
+        pb_grpc.add_WeightExportServiceServicer_to_server, servicer, SERVICE_NAME, address, token
+    )
     log.info(
         "weight export service listening", address=bound, instance_id=servicer.instance_id,
         ranks=len(describes), mode=pb.UpdateMode.Name(mode), auth="token" if token else "none",

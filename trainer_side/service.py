@@ -200,11 +200,8 @@ async def start_trainer_server(
 ) -> TrainerServer:
     """Starts TrainerService with health and reflection on `address` (`loop` publishes into `hub`)."""
     servicer = TrainerServicer(loop, renderer, hub, inference_address, server_update_mode, limits)
-    server = grpc_util.create_server(token)
-    pb_grpc.add_TrainerServiceServicer_to_server(servicer, server)
-    health = grpc_util.add_health_and_reflection(server, [SERVICE_NAME])
-    bound = grpc_util.bind(server, address)
-    await server.start()
-    await grpc_util.mark_serving(health, [SERVICE_NAME])
+    server, bound = await grpc_util.start_server(
+        pb_grpc.add_TrainerServiceServicer_to_server, servicer, SERVICE_NAME, address, token
+    )
     log.info("trainer service listening", address=bound, auth="token" if token else "none")
     return TrainerServer(server, hub, bound)

@@ -112,6 +112,23 @@ async def mark_serving(health_servicer: health.aio.HealthServicer, service_names
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
 
+async def start_server(
+    add_servicer: Callable[[object, grpc.aio.Server], None], servicer: object, service_name: str,
+    address: str, token: str | None,
+) -> tuple[grpc.aio.Server, str]:
+    """Serves `servicer` with health (SERVING once started), reflection and optional token on `address`.
+
+    `add_servicer` is the generated `add_FooServiceServicer_to_server`. Returns the server and the bound
+    address (port 0 resolved)."""
+    server = create_server(token)
+    add_servicer(servicer, server)
+    health = add_health_and_reflection(server, [service_name])
+    bound = bind(server, address)
+    await server.start()
+    await mark_serving(health, [service_name])
+    return server, bound
+
+
 def bind(server: grpc.aio.Server, address: str) -> str:
     """Binds insecurely (loopback or unix socket) and returns the bound address (port 0 resolved)."""
     validate_address(address)
@@ -125,10 +142,6 @@ def bind(server: grpc.aio.Server, address: str) -> str:
 
 def call_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
-
-
-def open_channel(address: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(validate_address(address), options=CHANNEL_OPTIONS)
 
 
 def open_sync_channel(address: str) -> grpc.Channel:
