@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import threading
 import time
@@ -25,7 +26,7 @@ import grpc
 
 from weightshare import grpc_util
 from weightshare.logs import configure_logging
-from weightshare.processes import ServedModel, TrainerProcess
+from weightshare.processes import CPU_SERVE_ARGS, ServedModel, TrainerProcess
 from weightshare.v1 import trainer_service_pb2 as tpb
 from weightshare.v1 import trainer_service_pb2_grpc as tpb_grpc
 from weightshare.v1 import weight_export_service_pb2 as epb
@@ -43,6 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optimizer", choices=["apollo", "apollo_mini"], default="apollo_mini")
     parser.add_argument("--update-mode", choices=["strict", "concurrent"], default="strict",
                         help="strict: vLLM pauses at a step boundary for each update; concurrent: never pauses")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="serve this model directory instead of building the tiny Qwen3.5 (e.g. on a GPU)")
+    parser.add_argument("--vllm-args", default=" ".join(CPU_SERVE_ARGS),
+                        help="arguments passed to vLLM (default, for CPU: %(default)r); on a GPU e.g. "
+                        "'--max-model-len 4096 --gpu-memory-utilization 0.6'")
     parser.add_argument("--timeout", type=float, default=600, help="give up after this many seconds of training")
 
 
@@ -90,15 +96,19 @@ def run(args: argparse.Namespace) -> int:
 
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    for stale in ("state", "model"):
-        if (out / stale).exists():
-            shutil.rmtree(out / stale)
+    if (out / "state").exists():  # a demo starts from scratch: no resumed trainer state
+        shutil.rmtree(out / "state")
     started = time.monotonic()
-    print(f"[1/5] building the tiny Qwen3.5 in {out / 'model'}")
-    model_dir = build_tiny_model("qwen3_5", out / "model")
+    if args.model is None:
+        print(f"[1/5] building the tiny Qwen3.5 in {out / 'model'}")
+        shutil.rmtree(out / "model", ignore_errors=True)
+        model_dir = build_tiny_model("qwen3_5", out / "model")
+    else:
+        model_dir = args.model.resolve()
+        print(f"[1/5] serving {model_dir}")
     print("[2/5] starting vLLM with the weight-export service (about a minute on 2 cores)")
     served = ServedModel(model_dir, f"unix://{out}/inference.sock", update_mode=args.update_mode,
-                         log_path=out / "serve.log")
+                         extra_args=shlex.split(args.vllm_args), log_path=out / "serve.log", startup_timeout_s=900)
     trainer = TrainerProcess(
         served.grpc_address, f"unix://{out}/trainer.sock", out / "state", log_path=out / "train.log",
         flags=["--optimizer", args.optimizer, "--lr", str(args.lr), "--examples-per-step",
