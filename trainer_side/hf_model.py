@@ -56,7 +56,13 @@ def hf_config_from_identity(weights: AttachedWeights):
     config_dict = json.loads(weights.identity.hf_config_json)
     if "model_type" not in config_dict:
         raise BindError("served hf_config_json has no model_type: cannot rebuild the HF config")
-    return AutoConfig.for_model(**config_dict)
+    try:
+        return AutoConfig.for_model(**config_dict)
+    except ValueError:
+        raise BindError(
+            f"architecture {weights.identity.architecture!r} (model_type {config_dict['model_type']!r}) is not "
+            "supported by the installed transformers: upgrade transformers or train another model"
+        ) from None
 
 
 def build_shared_model(weights: AttachedWeights, *, train_copies: bool = False) -> SharedModel:
@@ -67,7 +73,9 @@ def build_shared_model(weights: AttachedWeights, *, train_copies: bool = False) 
         with _parameters_on_meta():
             model = AutoModelForCausalLM.from_config(config)
     except ValueError as err:
-        raise BindError(f"architecture {weights.identity.architecture!r} is not supported by transformers: {err}")
+        raise BindError(
+            f"architecture {weights.identity.architecture!r} is not supported by transformers: {err}"
+        ) from None
     device = next(iter(weights.engine_tensors.values())).device
     owners = {}  # HF name -> (module, attribute), every alias of tied parameters included
     for module_name, module in model.named_modules():
