@@ -58,6 +58,9 @@ def _vllm_server_api():
 def run(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     grpc_util.validate_address(args.grpc)
+    host = args.grpc.rpartition(":")[0].strip("[]")
+    if not args.grpc.startswith("unix://") and host not in ("127.0.0.1", "localhost", "::1") and not args.token:
+        log.warning("weight export reachable beyond this host without a token: pass --token", address=args.grpc)
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
