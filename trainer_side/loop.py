@@ -310,6 +310,10 @@ class TrainingLoop:
         self._begin(step)
         try:
             self.optimizer.step()
+            if self._device.type == "cuda":
+                # Kernels run asynchronously and vLLM reads from another process: every write must have
+                # landed before commit lets serving resume.
+                torch.cuda.synchronize(self._device)
         except BaseException as err:
             # Resume serving; the weights may be partly written, which the message says.
             self._updates.abort(f"optimizer step {step} failed: {type(err).__name__}: {err}")
