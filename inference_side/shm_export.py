@@ -18,6 +18,8 @@ import structlog
 import torch
 
 from weightshare import shm
+from weightshare.dtypes import to_proto_dtype
+from weightshare.v1 import tensors_pb2
 
 log = structlog.get_logger(__name__)
 _FILE_PATTERN = re.compile(r"weightshare-(\d+)-[0-9a-f]+-rank\d+$")
@@ -40,6 +42,28 @@ class SharedFile:
     size_bytes: int
     base_ptr: int  # address of the mapping in this process, to check parameters still point into it
     tensors: list[SharedTensor]
+
+    def handles(self) -> tuple[list[tensors_pb2.StorageHandle], list[tensors_pb2.TensorView]]:
+        """The contract's handle (one storage: this file) and one view per tensor."""
+        storage = tensors_pb2.StorageHandle(
+            index=0, shared_memory=tensors_pb2.SharedMemoryHandle(path=self.path, size_bytes=self.size_bytes)
+        )
+        views = [
+            tensors_pb2.TensorView(
+                engine_tensor=t.name, storage_index=0, byte_offset=t.byte_offset, shape=list(t.shape),
+                strides=list(t.strides), dtype=to_proto_dtype(t.dtype),
+            )
+            for t in self.tensors
+        ]
+        return [storage], views
+
+    def check_still_backs(self, model: torch.nn.Module) -> None:
+        """Every parameter must still point into this file: something re-bound it otherwise."""
+        params = dict(unique_parameters(model))
+        for t in self.tensors:
+            p = params.get(t.name)
+            if p is None or p.data_ptr() != self.base_ptr + t.byte_offset:
+                raise RuntimeError(f"engine parameter {t.name} no longer lives in {self.path}: something re-bound it")
 
 
 def unique_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:

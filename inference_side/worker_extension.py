@@ -18,7 +18,6 @@ from __future__ import annotations
 import uuid
 
 import structlog
-import torch
 
 from inference_side import cpu_repack, cuda_ipc, shm_export
 from inference_side.layout import derive_layout, engine_tensors_to_proto, layout_to_proto
@@ -117,20 +116,8 @@ class WeightShareWorkerExtension:
                     "weights are not in shared memory: the weightshare worker extension was not imported "
                     "before the model loaded (pass it as worker_extension_cls at engine start)"
                 )
-            storages = [
-                tensors_pb2.StorageHandle(
-                    index=0,
-                    shared_memory=tensors_pb2.SharedMemoryHandle(path=shared.path, size_bytes=shared.size_bytes),
-                )
-            ]
-            self._weightshare_check_still_shared(model, shared)
-            views = [
-                tensors_pb2.TensorView(
-                    engine_tensor=t.name, storage_index=0, byte_offset=t.byte_offset,
-                    shape=list(t.shape), strides=list(t.strides), dtype=to_proto_dtype(t.dtype),
-                )
-                for t in shared.tensors
-            ]
+            shared.check_still_backs(model)
+            storages, views = shared.handles()
         else:
             blockers = cuda_ipc.sharing_blockers(bool(self.vllm_config.model_config.enable_sleep_mode))
             if blockers:
@@ -140,12 +127,4 @@ class WeightShareWorkerExtension:
             storages=storages, views=views, total_views=len(views), instance_id=EXPORT_ID
         )
         return response.SerializeToString()
-
-    def _weightshare_check_still_shared(self, model: torch.nn.Module, shared: shm_export.SharedFile) -> None:
-        """Every parameter must still point into the shared file: something re-bound it otherwise."""
-        params = dict(shm_export.unique_parameters(model))
-        for t in shared.tensors:
-            p = params.get(t.name)
-            if p is None or p.data_ptr() != shared.base_ptr + t.byte_offset:
-                raise RuntimeError(f"engine parameter {t.name} no longer lives in {shared.path}: something re-bound it")
 

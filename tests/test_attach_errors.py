@@ -61,14 +61,8 @@ class FakeExporter(pb_grpc.WeightExportServiceServicer):
         return pb.GetLayoutResponse(parameters=self.layout, instance_id="fake")
 
     def StreamHandles(self, request, context):
-        storage = tensors_pb2.StorageHandle(index=0, shared_memory=tensors_pb2.SharedMemoryHandle(
-            path=self.shared.path, size_bytes=self.shared.size_bytes))
-        views = [
-            tensors_pb2.TensorView(engine_tensor=t.name, storage_index=0, byte_offset=t.byte_offset,
-                                   shape=list(t.shape), strides=list(t.strides), dtype=to_proto_dtype(t.dtype))
-            for t in self.shared.tensors
-        ]
-        yield pb.StreamHandlesResponse(storages=[storage], views=views, total_views=len(views), instance_id="fake")
+        storages, views = self.shared.handles()
+        yield pb.StreamHandlesResponse(storages=storages, views=views, total_views=len(views), instance_id="fake")
 
 
 @pytest.fixture

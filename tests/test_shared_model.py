@@ -47,10 +47,9 @@ def test_bound_model_shares_memory_and_matches_vllm(served):
         lo, hi = storage.data_ptr(), storage.data_ptr() + storage.numel()
         for name, param in shared.model.named_parameters():
             assert lo <= param.data_ptr() < hi, f"{name} is not a view into vLLM's memory"
-        if weights.identity.architecture == "LlamaForCausalLM" and "lm_head.weight" in weights.layout:
-            tied = weights.layout["lm_head.weight"].tied_to
-            if tied:
-                assert shared.model.lm_head.weight is shared.model.model.embed_tokens.weight
+        for name, entry in weights.layout.items():  # a tied lm_head is the embedding's own Parameter
+            if entry.tied_to:
+                assert shared.model.get_parameter(name) is shared.model.get_parameter(entry.tied_to)
 
         tokens, vllm_lp = vllm_greedy(served)
         hf_lp = hf_logprobs(shared.model, PROMPT_IDS, tokens)
