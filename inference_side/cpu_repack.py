@@ -1,15 +1,24 @@
-"""Keep vLLM's CPU linear weights live: no oneDNN / sgl-kernel / zentorch repacking.
+"""Keep every vLLM CPU weight live: no kernel-private formats, so trainer writes reach every kernel.
 
-On CPU, vLLM's `layers/utils.py:dispatch_cpu_unquantized_gemm(layer, remove_weight=True)` may
-repack a linear layer's weight into a kernel-private format and replace `layer.weight` with an
-empty tensor, so writes to the parameter would no longer reach the GEMM. No setting turns it off.
-`install()` swaps that dispatch for plain `F.linear` on 2-D weights. Callers import the function
-from the module at call time (`linear.py`, `vocab_parallel_embedding.py`), so replacing the module
-attribute before the model loads is enough; the worker extension does it at import.
+The one place that knows which vLLM CPU kernels keep weights in a private format, and what we do
+about each (prevented here; nothing is left to re-derive at commit):
 
-The 3-D GDN conv1d weight is left to vLLM: on AVX512-BF16 / Arm-bf16 CPUs its forward assumes the
-packed format (`mamba/ops/cpu/gdn_attention.py`: `is_weight_packed=True`), so it is packed there and
-reported as not zero-copy by the layout.
+- Linear / embedding GEMMs. `layers/utils.py:dispatch_cpu_unquantized_gemm(layer, remove_weight=True)`
+  may repack a 2-D weight (oneDNN, sgl-kernel, zentorch) and replace `layer.weight` with an empty
+  tensor. Prevented: the dispatch uses plain `F.linear` on the live parameter.
+- Gated DeltaNet causal conv1d. On AVX512-BF16 and Arm-bf16 CPUs the same dispatch packs the 3-D
+  `(dim, 1, width)` conv weight with `ops.causal_conv1d_weight_pack`, and
+  `layers/mamba/ops/cpu/gdn_attention.py` then calls the C++ conv with `is_weight_packed=True`.
+  The C++ kernels also take the plain `(dim, width)` weight (`is_weight_packed=False`), at the same
+  speed (benchmarks/bench_cpu_conv.py), so packing is prevented and the module's two conv wrappers
+  are given the unpacked view. The weight stays the parameter, in HF's shape, in shared memory.
+
+Callers import the dispatch from its module at call time (`linear.py`, `vocab_parallel_embedding.py`)
+and `gdn_attention.py` looks its wrappers up as module globals, so replacing module attributes before
+the model loads is enough; the worker extension calls `install()` at import.
+
+If a vLLM release lacks the conv wrappers, the conv weight is left to vLLM (packed), and the layout
+reports it as not zero-copy (its values are then read from the checkpoint by the trainer and frozen).
 """
 
 from __future__ import annotations
@@ -17,21 +26,61 @@ from __future__ import annotations
 import torch
 
 _installed = False
+conv_kept_unpacked = False
+"""True once the GDN conv wrappers are patched: conv1d weights are then never packed."""
 
 
-def install() -> bool:
-    """Patch the dispatch once per process; returns True if this call installed it."""
-    global _installed
+def _is_causal_conv_weight(weight: torch.Tensor) -> bool:
+    return weight.ndim == 3 and weight.size(1) == 1
+
+
+def _plain_conv_call(original):
+    """Wrap a gdn_attention conv wrapper so a 3-D unpacked weight runs as (dim, width), not packed."""
+
+    def call(*, weight: torch.Tensor, is_weight_packed: bool, **kwargs):
+        if _is_causal_conv_weight(weight):
+            # A 3-D weight was never packed (packing yields (dim, width)): tell the kernel so.
+            weight, is_weight_packed = weight.view(weight.size(0), weight.size(2)), False
+        return original(weight=weight, is_weight_packed=is_weight_packed, **kwargs)
+
+    call.weightshare_original = original  # type: ignore[attr-defined]
+    return call
+
+
+def _patch_gdn_conv() -> bool:
+    """Give vLLM's CPU GDN conv wrappers unpacked weights; False if this vLLM has no such wrappers."""
+    try:
+        from vllm.model_executor.layers.mamba.ops.cpu import gdn_attention
+    except ImportError:
+        return False
+    names = ("_causal_conv1d_fwd_cpu", "_causal_conv1d_update_cpu")
+    if not all(callable(getattr(gdn_attention, n, None)) for n in names):
+        return False
+    for name in names:
+        current = getattr(gdn_attention, name)
+        if not hasattr(current, "weightshare_original"):
+            setattr(gdn_attention, name, _plain_conv_call(current))
+    return True
+
+
+def install(keep_conv_unpacked: bool = True) -> bool:
+    """Patch the dispatch (and the GDN conv wrappers) once per process; True if this call installed it.
+
+    `keep_conv_unpacked=False` leaves conv1d packing to vLLM (for benchmarks of that design only).
+    """
+    global _installed, conv_kept_unpacked
     if _installed:
         return False
     from vllm.model_executor.layers import utils as layer_utils
 
     original = layer_utils.dispatch_cpu_unquantized_gemm
+    conv_kept_unpacked = keep_conv_unpacked and _patch_gdn_conv()
 
     def dispatch_keeping_weights(layer: torch.nn.Module, remove_weight: bool) -> None:
         if layer.weight.ndim != 2:
-            # Not a linear layer (GDN conv1d): its CPU kernel needs vLLM's own handling.
-            original(layer, remove_weight)
+            if conv_kept_unpacked and _is_causal_conv_weight(layer.weight):
+                return  # the patched conv wrappers read the weight as it is
+            original(layer, remove_weight)  # MoE expert weights and the like: vLLM's own handling
             return
         # NOTE: same callable vLLM uses for layers it leaves unpacked; the weight stays the parameter.
         layer.cpu_linear = torch.nn.functional.linear
@@ -40,4 +89,3 @@ def install() -> bool:
     layer_utils.dispatch_cpu_unquantized_gemm = dispatch_keeping_weights
     _installed = True
     return True
-

@@ -449,6 +449,11 @@ def _place(
     return _place_other(module, param, hf_shape)
 
 
+def _in_private_format(module: torch.nn.Module, param: torch.Tensor) -> bool:
+    """True when vLLM emptied or repacked `param` on CPU, so its bytes are not the HF values."""
+    return param.numel() == 0 or getattr(module, "_cpu_unpacked_conv_weight", None) is not None
+
+
 def _not_zero_copy_reason(
     hf_name: str,
     engine_name: str,
@@ -471,8 +476,9 @@ def _not_zero_copy_reason(
         )
     if getattr(module, "_cpu_unpacked_conv_weight", None) is not None:
         return (
-            f"not zero-copy, because vLLM's CPU conv kernel repacked {engine_name} (AVX512-BF16 / Arm bf16 "
-            "CPUs); serve on a GPU or another CPU to train it"
+            f"not zero-copy, because vLLM's CPU conv kernel repacked {engine_name} into a kernel-private "
+            "format (AVX512-BF16 / Arm bf16 CPUs) and this vLLM lacks the conv wrappers weightshare "
+            "patches to keep it unpacked (inference_side/cpu_repack.py)"
         )
     if getattr(parent, "gqa_interleaved_layout", False) and isinstance(module, MergedColumnParallelLinear):
         return (
@@ -590,6 +596,8 @@ def derive_layout(model: torch.nn.Module, hf_config) -> tuple[list[ParamLayout],
         reason = _not_zero_copy_reason(
             hf_name, engine_tensor, module, parent, param, placement, hf_shape, local_shape
         )
+        if _in_private_format(module, param):
+            slices = []  # its bytes are not the HF values: a reader must take them from the checkpoint
         layouts[hf_name] = ParamLayout(
             hf_name=hf_name,
             hf_shape=hf_shape,

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import structlog
+import torch
 from torch import nn
 
 from trainer_side.attach import AttachedWeights
@@ -98,24 +101,22 @@ def build_shared_model(weights: AttachedWeights, *, train_copies: bool = False) 
     # Tied aliases last, so they reuse the Parameter of the tensor they are tied to.
     for name, entry in sorted(weights.layout.items(), key=lambda item: bool(item[1].tied_to)):
         module, attr = owners[name]
-        expected_shape = tuple(module._parameters[attr].shape)
+        meta = module._parameters[attr]
         if entry.tied_to and entry.tied_to in bound:
             param = bound[entry.tied_to]
-        else:
+        elif entry.zero_copy:
             tensor = weights.hf_tensor(name)
-            if tuple(tensor.shape) != expected_shape:
-                raise BindError(
-                    f"{name}: served shard has shape {tuple(tensor.shape)}, the HF model expects {expected_shape} "
-                    "(tensor parallelism > 1 binds shards; the HF model here is unsharded)"
-                )
-            if entry.zero_copy:
-                param = nn.Parameter(tensor, requires_grad=True)
-                _assert_shares_storage(name, param, weights)
-                shared.zero_copy.append(name)
-            else:
-                param = nn.Parameter(tensor.clone(), requires_grad=train_copies)
-                shared.copied[name] = entry.not_zero_copy_reason
-                log.warning("parameter is a copy, not shared", name=name, reason=entry.not_zero_copy_reason)
+            _check_shape(name, tensor, tuple(meta.shape), weights)
+            param = nn.Parameter(own_tensor(tensor), requires_grad=True)
+            _assert_shares_storage(name, param, weights)
+            shared.zero_copy.append(name)
+        else:
+            values = _copied_values(name, entry, tuple(meta.shape), weights).to(meta.dtype)
+            param = nn.Parameter(values, requires_grad=train_copies)
+            shared.copied[name] = entry.not_zero_copy_reason
+            log.warning("parameter is a copy, not shared: frozen" if not train_copies else
+                        "parameter is a copy, not shared: its updates will not reach vLLM",
+                        name=name, reason=entry.not_zero_copy_reason)
         module._parameters[attr] = param
         bound[name] = param
     for module in model.modules():  # buffers made on the CPU follow the weights' device
@@ -125,6 +126,71 @@ def build_shared_model(weights: AttachedWeights, *, train_copies: bool = False) 
     model.train()
     log.info("HF model bound to served weights", zero_copy=len(shared.zero_copy), copied=len(shared.copied))
     return shared
+
+
+def own_tensor(view: torch.Tensor) -> torch.Tensor:
+    """A tensor over exactly `view`'s memory with its own autograd version counter.
+
+    Several HF parameters are views of one vLLM tensor (q/k/v of qkv_proj, gate/up, ...); views share
+    a version counter, so an in-place update of one (a fused optimizer step during backward) would
+    fail the backward of the others. `set_` gives the same address with an independent counter.
+    """
+    return torch.empty(0, dtype=view.dtype, device=view.device).set_(
+        view.untyped_storage(), view.storage_offset(), view.size(), view.stride()
+    )
+
+
+def _tp_size(weights: AttachedWeights) -> int:
+    return max(1, weights.identity.tp_size)
+
+
+def _check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...], weights: AttachedWeights) -> None:
+    if tuple(tensor.shape) == expected:
+        return
+    if _tp_size(weights) > 1:
+        raise BindError(
+            f"{name}: served shard has shape {tuple(tensor.shape)}, the HF model expects {expected}: "
+            f"vLLM runs tensor parallelism {_tp_size(weights)} and this trainer binds unsharded models only"
+        )
+    raise BindError(
+        f"{name}: served tensor has shape {tuple(tensor.shape)}, the HF model built from the served config "
+        f"expects {expected}: the layout reported it zero-copy in a shape HF cannot use (a weightshare bug "
+        "or an engine-private format): report it with the vLLM version"
+    )
+
+
+def _copied_values(name: str, entry, expected: tuple[int, ...], weights: AttachedWeights) -> torch.Tensor:
+    """Correct HF values of a parameter with no zero-copy view, in the HF shape.
+
+    Read from the served tensors when the layout gives slices (e.g. several blocks of one engine
+    tensor); from the served model's safetensors when vLLM keeps it only in a private format.
+    """
+    if entry.slices:
+        tensor = weights.hf_tensor(name)
+        if tuple(tensor.shape) != expected and tensor.numel() == math.prod(expected) and _tp_size(weights) == 1:
+            tensor = tensor.reshape(expected)
+        _check_shape(name, tensor, expected, weights)
+        return tensor.clone()
+    tensor = _checkpoint_tensor(weights.identity.model, name)
+    if tensor is None:
+        raise BindError(
+            f"{name}: {entry.not_zero_copy_reason}; its values are not readable from vLLM and no local "
+            f"checkpoint at {weights.identity.model!r} holds {name}: serve a local model directory"
+        )
+    if tuple(tensor.shape) != expected:
+        raise BindError(f"{name}: the checkpoint holds shape {tuple(tensor.shape)}, the HF model expects {expected}")
+    return tensor.to(next(iter(weights.engine_tensors.values())).device)
+
+
+def _checkpoint_tensor(model_dir: str, name: str) -> torch.Tensor | None:
+    """`name` from the safetensors files of a local model directory, or None."""
+    from safetensors import safe_open
+
+    for path in sorted(Path(model_dir).glob("*.safetensors")) if Path(model_dir).is_dir() else []:
+        with safe_open(path, framework="pt") as f:
+            if name in f.keys():
+                return f.get_tensor(name)
+    return None
 
 
 def _assert_shares_storage(name: str, param: nn.Parameter, weights: AttachedWeights) -> None:
