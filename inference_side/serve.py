@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
+from pathlib import Path
 
 import structlog
 
@@ -55,6 +57,28 @@ def _vllm_server_api():
     return api_server, make_arg_parser, validate_parsed_serve_args
 
 
+def _apply_cpu_defaults(args: argparse.Namespace) -> bool:
+    """On a CPU: refuse configs vLLM's CPU kernels cannot run, size the KV cache if the user did not."""
+    from vllm.platforms import current_platform
+
+    from weightshare.vllm_defaults import cpu_gdn_config_problem, cpu_serve_env_defaults
+
+    if not current_platform.is_cpu():
+        return True
+    config_path = Path(args.model) / "config.json"
+    if config_path.is_file():
+        problem = cpu_gdn_config_problem(json.loads(config_path.read_text()))
+        if problem:
+            log.error("vLLM's CPU build cannot serve this model", model=args.model, problem=problem)
+            return False
+    chosen = cpu_serve_env_defaults(args.extra_args, dict(os.environ))
+    if chosen:
+        os.environ.update(chosen)
+        log.info("CPU engine: no KV-cache size given, using weightshare's default (pass "
+                 "--kv-cache-memory-bytes or set VLLM_CPU_KVCACHE_SPACE to choose)", **chosen)
+    return True
+
+
 def run(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     grpc_util.validate_address(args.grpc)
@@ -69,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
 
     cli_env_setup()  # what `vllm serve` does first (multiprocessing method and the like)
     ensure_qwen3_5_registered()
+    if not _apply_cpu_defaults(args):
+        return 2
     api_server, make_arg_parser, validate_parsed_serve_args = _vllm_server_api()
     vllm_parser = make_arg_parser(FlexibleArgumentParser(prog="weightshare serve (vLLM arguments)"))
     vllm_args = vllm_parser.parse_args(

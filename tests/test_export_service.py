@@ -95,6 +95,40 @@ def test_edit_changes_generation_and_undo_restores_exactly(qwen35_server):
     assert after_logprobs == before_logprobs
 
 
+def test_trained_step_moves_conv1d_and_vllm_matches_hf_after_commit(qwen35_server):
+    """On every CPU (AVX2, AVX512-BF16, AMX): conv1d is live, trains, and vLLM serves the new values."""
+    from tests.weight_checks import PROMPT_IDS, hf_logprobs, vllm_greedy
+    from trainer_side.hf_model import build_shared_model
+    from trainer_side.param_groups import build_optimizer, preset
+
+    with attach(qwen35_server.grpc_address, trainer_name="conv-trainer") as weights:
+        shared = build_shared_model(weights)
+        assert not shared.copied, shared.copied
+        convs = {n: p for n, p in shared.model.named_parameters() if n.endswith("conv1d.weight")}
+        assert convs and all(n in shared.zero_copy for n in convs)
+        saved = {n: p.detach().clone() for n, p in shared.model.named_parameters()}
+        optimizer = build_optimizer(shared.model, preset("apollo_mini", lr=1e-2))
+        ids = torch.tensor([PROMPT_IDS])
+        loss = shared.model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in convs.values())
+        with weights.update_stream() as updates:
+            updates.begin(step=1)
+            optimizer.step()
+            updates.commit(step=1)
+            try:
+                assert all(not torch.equal(p, saved[n]) for n, p in convs.items()), "conv1d did not move"
+                tokens, vllm_lp = vllm_greedy(qwen35_server)
+                hf_lp = hf_logprobs(shared.model, PROMPT_IDS, tokens)
+                assert max(abs(a - b) for a, b in zip(hf_lp, vllm_lp)) < 0.1, (hf_lp, vllm_lp)
+            finally:  # the module's other tests expect the checkpoint's weights
+                updates.begin(step=2)
+                with torch.no_grad():
+                    for n, p in shared.model.named_parameters():
+                        p.copy_(saved[n])
+                updates.commit(step=2)
+
+
 def test_begin_commit_abort_and_status(qwen35_server):
     stub = stub_for(qwen35_server)
     with attach(qwen35_server.grpc_address, trainer_name="protocol") as weights, weights.update_stream() as updates:

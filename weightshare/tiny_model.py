@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -101,7 +102,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def _config(arch: str, dtype: str, pad_id: int, eos_id: int) -> PretrainedConfig:
+def _config(arch: str, dtype: str, pad_id: int, eos_id: int, linear_head_dim: int = 64) -> PretrainedConfig:
     # head_dim 64 everywhere: accepted by vLLM's CPU attention (and by its GDN kernel for linear layers).
     common = {
         "vocab_size": VOCAB_SIZE,
@@ -125,8 +126,8 @@ def _config(arch: str, dtype: str, pad_id: int, eos_id: int) -> PretrainedConfig
             layer_types=["linear_attention"] * 3 + ["full_attention"],
             linear_num_key_heads=2,
             linear_num_value_heads=4,
-            linear_key_head_dim=64,
-            linear_value_head_dim=64,
+            linear_key_head_dim=linear_head_dim,
+            linear_value_head_dim=linear_head_dim,
             linear_conv_kernel_dim=4,
         )
     elif arch == "qwen3":
@@ -137,8 +138,12 @@ def _config(arch: str, dtype: str, pad_id: int, eos_id: int) -> PretrainedConfig
     return config
 
 
-def build_tiny_model(arch: str, out_dir: str | Path, seed: int = 0, dtype: str = "bfloat16") -> Path:
+def build_tiny_model(
+    arch: str, out_dir: str | Path, seed: int = 0, dtype: str = "bfloat16", linear_head_dim: int = 64
+) -> Path:
     """Write a random `arch` model (weights in `dtype`), its tokenizer and generation config to `out_dir`.
+
+    `linear_head_dim`: Gated DeltaNet key and value head dim of qwen3_5 (vLLM's CPU kernels take 64 or 128).
 
     Deterministic: the same (arch, seed, dtype) gives byte-identical safetensors. Returns `out_dir`.
     """
@@ -149,7 +154,7 @@ def build_tiny_model(arch: str, out_dir: str | Path, seed: int = 0, dtype: str =
     out = Path(out_dir)
     tokenizer = build_tokenizer()
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-    config = _config(arch, dtype, pad_id, eos_id)
+    config = _config(arch, dtype, pad_id, eos_id, linear_head_dim)
 
     with torch.random.fork_rng(devices=[]):  # seed the initialisation without touching the caller's RNG
         torch.manual_seed(seed)
@@ -182,10 +187,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", required=True, choices=ARCHS, help="model architecture to build")
     parser.add_argument("--seed", type=int, default=0, help="random seed (same seed -> same bytes)")
     parser.add_argument("--dtype", default="bfloat16", choices=tuple(DTYPES), help="weight dtype")
+    parser.add_argument(
+        "--linear-head-dim", type=int, default=64,
+        help="qwen3_5 only: Gated DeltaNet key/value head dim (default %(default)s; vLLM's CPU kernels take 64 or 128)",
+    )
     parser.add_argument("out", type=Path, metavar="OUT", help="directory to write the model into")
 
 
 def run(args: argparse.Namespace) -> int:
-    path = build_tiny_model(args.arch, args.out, seed=args.seed, dtype=args.dtype)
+    from weightshare.vllm_defaults import cpu_gdn_config_problem
+
+    if args.linear_head_dim < 1:
+        raise SystemExit(f"weightshare make-tiny-model: --linear-head-dim {args.linear_head_dim} must be positive")
+    path = build_tiny_model(args.arch, args.out, seed=args.seed, dtype=args.dtype, linear_head_dim=args.linear_head_dim)
     print(describe(path))
+    problem = cpu_gdn_config_problem(json.loads((path / "config.json").read_text()))
+    if problem:
+        print(f"warning: vLLM's CPU build cannot serve this model: {problem}", file=sys.stderr)
     return 0

