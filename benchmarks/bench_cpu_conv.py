@@ -151,7 +151,7 @@ def main() -> int:
                 proc = subprocess.run(
                     [sys.executable, __file__, "--worker", design, str(model_dir), "--new-tokens",
                      str(args.new_tokens), "--repeats", str(args.repeats)],
-                    env=env, capture_output=True, text=True, timeout=900,
+                    env=env, capture_output=True, text=True, timeout=900, check=False,
                 )
                 line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
                 if line is None:
@@ -161,8 +161,9 @@ def main() -> int:
                 print(json.dumps(rows[-1]), flush=True)
     machine = cpu_name()
     lines = [
-        f"GDN conv1d designs on {machine}, {time.strftime('%Y-%m-%d')}; decode with {args.new_tokens} new "
-        f"tokens per request, best of {args.repeats}.", "",
+        (f"GDN conv1d designs on {machine}, {time.strftime('%Y-%m-%d')}; decode with {args.new_tokens} new "
+         f"tokens per request, best of {args.repeats}."),
+        "",
         "| shape | design | conv layers packed | decode tok/s batch 1 | decode tok/s batch 4 | repack all conv ms |",
         "|---|---|---|---|---|---|",
     ]

@@ -125,9 +125,9 @@ def names(model: nn.Module, params: list[nn.Parameter]) -> set[str]:
     return {by_id[id(p)] for p in params}
 
 
-def test_default_split_and_tied_weight_once() -> None:
+def test_adamw_embeddings_split_and_tied_weight_once() -> None:
     model = ForCausalLM()
-    groups = build_param_groups(model, preset("apollo"))
+    groups = build_param_groups(model, preset("apollo", embeddings="adamw"))
     assert [g["name"] for g in groups] == ["apollo", "adamw"]
     apollo, adamw = groups
     assert names(model, apollo["params"]) == APOLLO_NAMES
@@ -138,9 +138,21 @@ def test_default_split_and_tied_weight_once() -> None:
     assert apollo["rank"] == 256 and apollo["scale_type"] == "channel" and adamw["rank"] is None
 
 
+def test_default_embeddings_get_apollo_mini_once() -> None:
+    model = ForCausalLM()
+    groups = build_param_groups(model, preset("apollo"))
+    assert [g["name"] for g in groups] == ["apollo", "embeddings", "adamw"]
+    _, embeddings, adamw = groups
+    assert names(model, embeddings["params"]) == {"model.embed_tokens.weight"}  # tied lm_head: same Parameter
+    assert (embeddings["rank"], embeddings["scale"], embeddings["scale_type"]) == (1, 128.0, "tensor")
+    assert "model.embed_tokens.weight" not in names(model, adamw["params"])
+    frozen = build_param_groups(ForCausalLM(), preset("apollo", embeddings="frozen"))
+    assert [g["name"] for g in frozen] == ["apollo", "adamw"]
+
+
 def test_frozen_policy_freezes_the_rest() -> None:
     model = ForCausalLM()
-    groups = build_param_groups(model, preset("apollo_mini", other_policy="frozen"))
+    groups = build_param_groups(model, preset("apollo_mini", other_policy="frozen", embeddings="frozen"))
     assert [g["name"] for g in groups] == ["apollo"]
     assert names(model, groups[0]["params"]) == APOLLO_NAMES
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -177,6 +189,8 @@ def test_invalid_config_values_are_named() -> None:
         ApolloConfig(target_modules="q_proj")
     with pytest.raises(ValueError, match="'apollo_max'"):
         preset("apollo_max")
+    with pytest.raises(ValueError, match="'lora'"):
+        ApolloConfig(embeddings="lora")
 
 
 @pytest.mark.parametrize("name", ["apollo", "apollo_mini"])

@@ -215,3 +215,35 @@ def test_loop_steps_inside_the_update_protocol_and_resumes(tmp_path, tiny_loop):
     resumed.restore(checkpoint)
     assert (resumed.counters.step, reopened.pending, reopened.cursor) == (2, 2, 4)
     reopened.close()
+
+
+def test_fused_loop_begins_before_backward_and_frees_gradients(tmp_path, tiny_loop):
+    import torch
+
+    from trainer_side.loop import LoopConfig
+
+    make, model, events, calls = tiny_loop
+    store = ExampleStore(tmp_path)
+    store.append([TokenizedExample(f"f{i}", (5, 6, 7, 8, 9)[: 3 + i % 3], (False, True, True, True, True)[: 3 + i % 3])
+                  for i in range(4)])
+    loop = make(LoopConfig(lr=1e-2, examples_per_step=2, micro_batch_size=2, fused_step=True, max_steps=2,
+                           batch_wait_s=0.1, memory_report=True), store)
+    seen_grads_at_begin = []
+    original_begin = loop._begin
+
+    def begin(step):  # in a fused step nothing is written before begin, and no gradient exists yet
+        seen_grads_at_begin.append(sum(p.grad is not None for p in model.parameters()))
+        original_begin(step)
+
+    loop._begin = begin
+    before = model.model.layers[0].mlp.down_proj.weight.detach().clone()
+    loop.start()
+    wait_for(lambda: not loop.running)
+    assert [pb.ProgressKind.Name(e.kind) for e in events][:2] == ["PROGRESS_KIND_STEP", "PROGRESS_KIND_STEP"]
+    assert calls[:4] == [("begin", 1), ("commit", 1), ("begin", 2), ("commit", 2)]
+    assert seen_grads_at_begin == [0, 0]
+    assert all(p.grad is None for p in model.parameters())
+    assert events[0].grad_norm > 0 and events[0].tokens > 0
+    assert not torch.equal(before, model.model.layers[0].mlp.down_proj.weight)
+    with pytest.raises(ValueError, match="must equal micro_batch_size"):
+        LoopConfig(fused_step=True, examples_per_step=4, micro_batch_size=1)

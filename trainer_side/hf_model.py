@@ -188,7 +188,7 @@ def _checkpoint_tensor(model_dir: str, name: str) -> torch.Tensor | None:
 
     for path in sorted(Path(model_dir).glob("*.safetensors")) if Path(model_dir).is_dir() else []:
         with safe_open(path, framework="pt") as f:
-            if name in f.keys():
+            if name in f.keys():  # noqa: SIM118 (safe_open has no __contains__)
                 return f.get_tensor(name)
     return None
 

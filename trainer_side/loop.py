@@ -42,10 +42,13 @@ from pathlib import Path
 import grpc
 import structlog
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from trainer_side.checkpoint_writer import save_model_streamed
 from trainer_side.data import ExampleStore, TokenizedExample
+from trainer_side.fused import FusedUpdates
+from trainer_side.loss import loss_sum, pad_micro_batch
+from trainer_side.memory import memory_report
 from weightshare.v1 import trainer_service_pb2 as pb
 
 log = structlog.get_logger(__name__)
@@ -82,6 +85,16 @@ class LoopConfig:
     """Longest time vLLM may stay paused for one update before the server aborts it (0: its default)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
+    micro_batch_size: int = 1
+    """Examples per forward/backward pass, right-padded to the longest; examples_per_step / this many
+    passes accumulate into one step."""
+    fused_step: bool = False
+    """Apply each parameter's update during backward and free its gradient (trainer_side/fused.py):
+    gradients never all exist at once. Needs examples_per_step == micro_batch_size."""
+    loss_chunk_tokens: int = 1024
+    """Cross-entropy over this many target positions at a time (0: all at once)."""
+    memory_report: bool = False
+    """Log what the trainer holds (peak memory, gradients, optimizer state) after every step."""
 
     def __post_init__(self) -> None:
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -91,6 +104,15 @@ class LoopConfig:
                 raise ValueError(f"{name} {getattr(self, name)} must not be negative")
         if self.examples_per_step < 1:
             raise ValueError(f"examples_per_step {self.examples_per_step} must be at least 1")
+        if self.micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size {self.micro_batch_size} must be at least 1")
+        if self.loss_chunk_tokens < 0:
+            raise ValueError(f"loss_chunk_tokens {self.loss_chunk_tokens} must not be negative")
+        if self.fused_step and self.examples_per_step != self.micro_batch_size:
+            raise ValueError(
+                f"a fused step applies every update during its one backward pass, so examples_per_step "
+                f"{self.examples_per_step} must equal micro_batch_size {self.micro_batch_size} (no accumulation)"
+            )
 
 
 @dataclass
@@ -164,6 +186,17 @@ class TrainingLoop:
         model.train()  # HF only checkpoints activations in training mode
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self._pad_id = getattr(model.config, "pad_token_id", None) or 0
+        self._fused: FusedUpdates | None = None
+        self._configure_fused()
+
+    def _configure_fused(self) -> None:
+        """Attach or detach the backward hooks of fused steps to match `self.config`."""
+        if self.config.fused_step and self._fused is None:
+            self._fused = FusedUpdates(self.optimizer, dict(self.model.named_parameters()))
+        elif not self.config.fused_step and self._fused is not None:
+            self._fused.remove()
+            self._fused = None
 
     # ---- control, called from the service's threads ----
 
@@ -185,6 +218,7 @@ class TrainingLoop:
             return True, self.counters.step
         if config is not None:
             self.config = config
+            self._configure_fused()
         self._stop.clear()
         self.error = ""
         self._thread = threading.Thread(target=self._run, name="training-loop", daemon=True)
@@ -217,6 +251,8 @@ class TrainingLoop:
             changes["max_steps"] = overrides.max_steps
         if overrides.examples_per_step:
             changes["examples_per_step"] = overrides.examples_per_step
+            if self.config.fused_step:  # a fused step is one micro-batch
+                changes["micro_batch_size"] = overrides.examples_per_step
         return dataclasses.replace(self.config, **changes)
 
     # ---- the loop thread ----
@@ -275,49 +311,95 @@ class TrainingLoop:
             self._updates = self._open_updates()
             self._updates.begin(step, self.config.max_pause_s)
 
+    def _micro_batches(self, batch: list[TokenizedExample]) -> list[list[TokenizedExample]]:
+        size = self.config.micro_batch_size
+        return [batch[i : i + size] for i in range(0, len(batch), size)]
+
+    def _loss_sum(self, micro: list[TokenizedExample]) -> torch.Tensor:
+        ids, attention, targets = pad_micro_batch(micro, self._device, self._pad_id)
+        return loss_sum(self.model, ids, attention, targets, self.config.loss_chunk_tokens)
+
+    def _skip(self, batch, mean_loss: float, grad_norm: float, lr: float, tokens: int, why: str):
+        self.optimizer.zero_grad(set_to_none=True)
+        self.store.consume(len(batch))
+        self.counters.skipped_steps += 1
+        log.warning("step skipped", step=self.counters.step + 1, loss=mean_loss, grad_norm=grad_norm, why=why)
+        return self._event(
+            pb.PROGRESS_KIND_SKIPPED, loss=mean_loss, grad_norm=grad_norm, tokens=tokens, learning_rate=lr,
+            message=why,
+        )
+
+    def _sync(self) -> None:
+        if self._device.type == "cuda":
+            # Kernels run asynchronously and vLLM reads from another process: every write must have
+            # landed before commit lets serving resume.
+            torch.cuda.synchronize(self._device)
+
     def _train_step(self, batch: list[TokenizedExample]) -> pb.StreamProgressResponse:
         t0 = time.perf_counter()
+        if self._device.type == "cuda" and self.config.memory_report:
+            torch.cuda.reset_peak_memory_stats(self._device)
         lr = self._lr_at(self.counters.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         tokens = sum(e.target_tokens for e in batch)
-        loss_sum = 0.0
-        for example in batch:
-            ids = torch.tensor([example.input_ids], device=self._device)  # (1, T)
-            targets_mask = torch.tensor(example.loss_mask[1:], device=self._device)  # (T-1,)
-            logits = self.model(input_ids=ids, use_cache=False).logits[0, :-1].float()  # (T-1, vocab)
-            per_token = F.cross_entropy(logits, ids[0, 1:], reduction="none")
-            loss = (per_token * targets_mask).sum()
+        step = self.counters.step + 1
+        # A failed earlier try must not leak its gradients into this one.
+        self.optimizer.zero_grad(set_to_none=True)
+        if self._fused is not None:
+            return self._fused_step(batch, step, lr, tokens, t0)
+        loss_sum_value = 0.0
+        for micro in self._micro_batches(batch):
+            loss = self._loss_sum(micro)
             # Dividing by the step's target tokens makes the accumulated gradient that of the mean loss.
             (loss / tokens).backward()
-            loss_sum += loss.item()
-        mean_loss = loss_sum / tokens
+            loss_sum_value += loss.item()
+        mean_loss = loss_sum_value / tokens
         grads = [p.grad for p in self._params if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm(grads).item() if grads else 0.0
         if not (math.isfinite(mean_loss) and math.isfinite(grad_norm)):
             # Checked before begin: nothing paused, nothing written.
-            self.optimizer.zero_grad(set_to_none=True)
-            self.store.consume(len(batch))
-            self.counters.skipped_steps += 1
-            log.warning("step skipped", step=self.counters.step + 1, loss=mean_loss, grad_norm=grad_norm)
-            return self._event(
-                pb.PROGRESS_KIND_SKIPPED, loss=mean_loss, grad_norm=grad_norm, tokens=tokens, learning_rate=lr,
-                message=f"non-finite loss {mean_loss} or grad norm {grad_norm}: no update applied",
-            )
-
-        step = self.counters.step + 1
+            return self._skip(batch, mean_loss, grad_norm, lr, tokens,
+                              f"non-finite loss {mean_loss} or grad norm {grad_norm}: no update applied")
         t_backward = time.perf_counter()
         self._begin(step)
         try:
             self.optimizer.step()
-            if self._device.type == "cuda":
-                # Kernels run asynchronously and vLLM reads from another process: every write must have
-                # landed before commit lets serving resume.
-                torch.cuda.synchronize(self._device)
+            self._sync()
         except BaseException as err:
-            # Resume serving; the weights may be partly written, which the message says.
-            self._updates.abort(f"optimizer step {step} failed: {type(err).__name__}: {err}")
+            self._abort_after_failure(step, err)
             raise
+        return self._committed(batch, step, lr, tokens, mean_loss, grad_norm, t0, t_backward - t0)
+
+    def _fused_step(self, batch, step: int, lr: float, tokens: int, t0: float) -> pb.StreamProgressResponse:
+        """Forward, loss check, begin, then backward applying each update (the pause spans backward)."""
+        loss = self._loss_sum(batch)
+        mean_loss = loss.item() / tokens
+        if not math.isfinite(mean_loss):
+            return self._skip(batch, mean_loss, 0.0, lr, tokens, f"non-finite loss {mean_loss}: no update applied")
+        t_forward = time.perf_counter()
+        self._fused.reset()
+        self._begin(step)
+        try:
+            (loss / tokens).backward()
+            self._sync()
+        except BaseException as err:
+            self._abort_after_failure(step, err)
+            raise
+        if self._fused.skipped:
+            log.warning("non-finite gradients: those parameters were not updated", step=step,
+                        skipped=len(self._fused.skipped), first=self._fused.skipped[0])
+        return self._committed(batch, step, lr, tokens, mean_loss, self._fused.grad_norm, t0, t_forward - t0)
+
+    def _abort_after_failure(self, step: int, err: BaseException) -> None:
+        """Resume serving after a failed write; never hides `err` (an abort failure is only logged)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        try:
+            self._updates.abort(f"optimizer step {step} failed: {type(err).__name__}: {err}")
+        except Exception as abort_err:  # the stream may be the thing that broke
+            log.error("abort after a failed step also failed", step=step, error=str(abort_err))
+
+    def _committed(self, batch, step, lr, tokens, mean_loss, grad_norm, t0, compute_s) -> pb.StreamProgressResponse:
         ack = self._updates.commit(step)
         self.optimizer.zero_grad(set_to_none=True)
         self.store.consume(len(batch))
@@ -326,8 +408,10 @@ class TrainingLoop:
         self.counters.last_loss = mean_loss
         seconds = time.perf_counter() - t0
         log.info("step", step=step, loss=round(mean_loss, 4), tokens=tokens, grad_norm=round(grad_norm, 4),
-                 lr=lr, weights_version=ack.weights_version, forward_backward_s=round(t_backward - t0, 3),
-                 update_s=round(seconds - (t_backward - t0), 3), paused_s=round(ack.paused_seconds, 3))
+                 lr=lr, weights_version=ack.weights_version, compute_s=round(compute_s, 3),
+                 update_s=round(seconds - compute_s, 3), paused_s=round(ack.paused_seconds, 3))
+        if self.config.memory_report:
+            log.info("memory", step=step, **memory_report(self.model, self.optimizer, self._device))
         return self._event(
             pb.PROGRESS_KIND_STEP, loss=mean_loss, tokens=tokens, grad_norm=grad_norm, learning_rate=lr,
             paused_seconds=ack.paused_seconds, step_seconds=seconds, tokens_per_second=tokens / seconds,
@@ -357,16 +441,9 @@ class TrainingLoop:
     def _write_checkpoint(self, target: Path) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
-        # Every parameter is a view into one shared storage, which transformers would take for tied
-        # weights and drop; save CPU copies instead (tied parameters keep sharing one copy).
-        copies: dict[int, torch.Tensor] = {}
-        state_dict = {}
-        for name, tensor in self.model.state_dict(keep_vars=True).items():
-            if id(tensor) not in copies:
-                copies[id(tensor)] = tensor.detach().to("cpu", copy=True)
-            state_dict[name] = copies[id(tensor)]
-        self.model.save_pretrained(tmp, state_dict=state_dict)
-        del copies, state_dict
+        tmp.mkdir()
+        # Streamed shard by shard: host memory holds one shard, not the model (54 GB at 27B).
+        save_model_streamed(self.model, tmp)
         source = Path(self.model_dir)
         for name in TOKENIZER_FILES:
             if (source / name).is_file() and not (tmp / name).exists():

@@ -1,9 +1,10 @@
 """Param groups and optimizer for APOLLO fine-tuning of a HuggingFace causal LM, chosen by parameter name.
 
 The 2-D weights of the attention, MLP and linear-attention projections (`q_proj`, ..., `down_proj`,
-`in_proj_qkv`, ..., `out_proj`) get APOLLO or APOLLO-Mini, as in the official APOLLO scripts; every other
-trainable parameter (embeddings, norms, lm_head, biases, conv1d, A_log, dt_bias, ...) gets AdamW or is
-frozen, by `ApolloConfig.other_policy`. Works off `model.named_parameters()` only, so any model whose
+`in_proj_qkv`, ..., `out_proj`) get APOLLO or APOLLO-Mini, as in the official APOLLO scripts; the token
+embedding and lm_head matrices get APOLLO-Mini, AdamW or are frozen (`ApolloConfig.embeddings`); every
+other trainable parameter (norms, biases, conv1d, A_log, dt_bias, ...) gets AdamW or is frozen, by
+`ApolloConfig.other_policy`. Works off `model.named_parameters()` only, so any model whose
 module names follow HF's conventions fits, with no transformers import. Parameters the caller already
 froze (requires_grad False) are left out and left alone.
 
@@ -38,6 +39,11 @@ DEFAULT_TARGET_MODULES = (
     "out_proj",
 )
 _OTHER_POLICIES = ("adamw", "frozen")
+# Token embedding and output projection modules of HF causal LMs: large (vocab x hidden) matrices.
+EMBEDDING_MODULES = ("embed_tokens", "lm_head", "wte", "embed_in", "embed_out", "word_embeddings")
+_EMBEDDING_POLICIES = ("apollo_mini", "adamw", "frozen")
+# APOLLO-Mini's settings (rank 1, one scale per tensor), used for the embeddings whatever the preset.
+_MINI = {"rank": 1, "scale": 128.0, "scale_type": "tensor"}
 
 
 @dataclass(frozen=True)
@@ -71,12 +77,18 @@ class ApolloConfig:
     ending in "." + pattern ("q_proj", "mlp.down_proj"); each must match some 2-D weight. None means
     DEFAULT_TARGET_MODULES, of which only some need to exist (a model may lack linear attention)."""
     other_policy: Literal["adamw", "frozen"] = "adamw"
-    """What happens to trainable parameters outside the targets: "adamw" trains them with AdamW
-    (8 bytes of fp32 state each), "frozen" sets requires_grad False and leaves them out."""
+    """What happens to trainable parameters outside the targets and the embeddings: "adamw" trains
+    them with AdamW (8 bytes of fp32 state each), "frozen" sets requires_grad False and leaves them out."""
+    embeddings: Literal["apollo_mini", "adamw", "frozen"] = "apollo_mini"
+    """The token embedding and lm_head matrices (EMBEDDING_MODULES): "apollo_mini" (a few bytes of
+    state; the default, chosen by benchmarks/bench_embedding_policy.py), "adamw" (8 bytes per
+    parameter: ~20 GB for Qwen3.5-27B's two 248k x 5120 matrices) or "frozen"."""
 
     def __post_init__(self) -> None:
         if self.other_policy not in _OTHER_POLICIES:
             raise ValueError(f"invalid other_policy {self.other_policy!r}: must be one of {_OTHER_POLICIES}")
+        if self.embeddings not in _EMBEDDING_POLICIES:
+            raise ValueError(f"invalid embeddings {self.embeddings!r}: must be one of {_EMBEDDING_POLICIES}")
         if self.target_modules is not None and (
             isinstance(self.target_modules, str) or not self.target_modules
         ):
@@ -109,14 +121,17 @@ def build_param_groups(model: nn.Module, config: ApolloConfig) -> list[dict[str,
     """
     targets = config.target_modules or DEFAULT_TARGET_MODULES
     matched = dict.fromkeys(targets, 0)
-    apollo_params, other_params, frozen = [], [], []
+    apollo_params, other_params, embedding_params, frozen = [], [], [], []
     # named_parameters() yields a tied Parameter once, under its first name.
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         module, _, leaf = name.rpartition(".")
         hits = [t for t in targets if module == t or module.endswith("." + t)]
-        if hits and leaf == "weight" and p.dim() == 2:
+        is_embedding = module.rpartition(".")[2] in EMBEDDING_MODULES and leaf == "weight" and p.dim() == 2
+        if is_embedding and config.embeddings != "adamw":
+            (embedding_params if config.embeddings == "apollo_mini" else frozen).append(p)
+        elif hits and leaf == "weight" and p.dim() == 2:
             apollo_params.append(p)
             for t in hits:
                 matched[t] += 1
@@ -154,6 +169,18 @@ def build_param_groups(model: nn.Module, config: ApolloConfig) -> list[dict[str,
             "norm_growth_limit": config.norm_growth_limit,
         }
     ]
+    if embedding_params:
+        groups.append(
+            {
+                "name": "embeddings",
+                "params": embedding_params,
+                **common,
+                "weight_decay": config.other_weight_decay,
+                **_MINI,
+                "update_proj_gap": config.update_proj_gap,
+                "norm_growth_limit": config.norm_growth_limit,
+            }
+        )
     if other_params:
         groups.append(
             {

@@ -92,7 +92,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds vLLM may stay paused per update before it aborts the update (default: server's, 30)",
     )
     parser.add_argument(
-        "--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory)"
+        "--gradient-checkpointing", action="store_true",
+        help="recompute each decoder layer's activations in backward (less memory, ~1/3 more compute)",
+    )
+    parser.add_argument(
+        "--fused-step", action="store_true",
+        help="apply each parameter's update during backward and free its gradient at once: gradients never all "
+        "exist (a 27B model trains beside vLLM on one 80 GB GPU this way). One backward per step, so "
+        "--examples-per-step examples form one micro-batch; strict mode pauses serving for the whole backward",
+    )
+    parser.add_argument(
+        "--micro-batch-size", type=int, default=0,
+        help="examples per forward/backward pass, right-padded (default: all of --examples-per-step with "
+        "--fused-step, else 1)",
+    )
+    parser.add_argument(
+        "--embeddings", choices=["apollo_mini", "adamw", "frozen"], default="apollo_mini",
+        help="token embedding and lm_head matrices: APOLLO-Mini (no per-element state), AdamW (8 bytes of "
+        "state per parameter: ~20 GB at Qwen3.5-27B) or frozen (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--loss-chunk-tokens", type=int, default=1024,
+        help="cross-entropy over this many target positions at a time, so full-vocabulary fp32 logits never "
+        "exist for a whole sequence (0: all at once; default: %(default)s)",
+    )
+    parser.add_argument(
+        "--memory-report", action="store_true",
+        help="log what the trainer holds after every step (peak memory, gradients, optimizer state)",
     )
     parser.add_argument(
         "--no-autostart", dest="autostart", action="store_false",
@@ -131,10 +157,15 @@ def run(args: argparse.Namespace) -> int:
     from weightshare.v1 import tensors_pb2
     from weightshare.v1 import weight_export_service_pb2 as export_pb
 
+    if args.micro_batch_size < 0:
+        log.error("--micro-batch-size must not be negative", value=args.micro_batch_size)
+        return 2
     config = LoopConfig(
         lr=args.lr, warmup_steps=args.warmup_steps, examples_per_step=args.examples_per_step,
         max_steps=args.max_steps, checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
         max_pause_s=args.max_pause, gradient_checkpointing=args.gradient_checkpointing,
+        fused_step=args.fused_step, loss_chunk_tokens=args.loss_chunk_tokens, memory_report=args.memory_report,
+        micro_batch_size=args.micro_batch_size or (args.examples_per_step if args.fused_step else 1),
     )
     state_dir: Path = args.state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -160,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
             log.error("cannot bind an HF model to the served weights", error=str(err))
             return 1
         optimizer = build_optimizer(
-            shared.model, preset(args.optimizer, lr=args.lr, other_policy=args.other_params)
+            shared.model, preset(args.optimizer, lr=args.lr, other_policy=args.other_params, embeddings=args.embeddings)
         )
         model_dir = weights.identity.model
         renderer = Renderer(_load_tokenizer(model_dir), shared.model.config.vocab_size, args.max_seq_len)

@@ -1,0 +1,77 @@
+"""Fused steps: each parameter's optimizer update is applied in backward, as soon as its gradient is done.
+
+With the weights shared, the trainer's largest cost is gradients: all alive at once they equal the
+model (54 GB at 27B, which does not fit beside vLLM on an 80 GB card). Here a
+`register_post_accumulate_grad_hook` per parameter updates it in place and frees its gradient, so only
+the gradients of the layer in flight exist.
+
+What it trades (see BENCHMARKS.md): no accumulation over micro-batches (one backward per step) and no
+clipping by the global gradient norm, which is only known once every update has been applied. The NaN
+guard is per parameter: a parameter whose gradient is not finite keeps its weights (its update is
+skipped and counted), and the loss is checked before backward starts, so a non-finite loss writes
+nothing. In strict mode the update protocol's pause must span the whole backward.
+
+Tied parameters (one Parameter under two names) get one hook: autograd sums both uses before the
+hook fires. Relies on torch and `Apollo._update`. Tests: tests/test_fused.py.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from trainer_side.apollo import Apollo
+
+
+class FusedUpdates:
+    """Hooks that apply `optimizer`'s update per parameter during backward; `reset()` before each step."""
+
+    def __init__(self, optimizer: Apollo, params_by_name: dict[str, Tensor]):
+        self.optimizer = optimizer
+        self.skipped: list[str] = []  # names whose gradient was not finite in the last backward
+        self.updated = 0
+        self._grad_sq: Tensor | None = None
+        group_of = {p: i for i, group in enumerate(optimizer.param_groups) for p in group["params"]}
+        self._handles = []
+        seen: set[int] = set()
+        for name, p in params_by_name.items():
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            if p not in group_of:
+                raise ValueError(
+                    f"parameter {name!r} requires grad but is in no param group of the optimizer: freeze it "
+                    "or add it to a group (in a fused step its gradient would be neither applied nor freed)"
+                )
+            self._handles.append(p.register_post_accumulate_grad_hook(self._hook(name, group_of[p])))
+
+    def reset(self) -> None:
+        self.skipped, self.updated = [], 0
+        self._grad_sq = None
+
+    @property
+    def grad_norm(self) -> float:
+        """Global L2 norm of the finite gradients of the last backward."""
+        return float(self._grad_sq.sqrt()) if self._grad_sq is not None else 0.0
+
+    def _hook(self, name: str, group_index: int):
+        def hook(p: Tensor) -> None:
+            grad = p.grad
+            norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
+            # One host sync per parameter: the price of never writing a non-finite update.
+            if torch.isfinite(norm).item():
+                with torch.no_grad():
+                    self.optimizer._update(p, self.optimizer.param_groups[group_index])
+                sq = norm.square()
+                self._grad_sq = sq if self._grad_sq is None else self._grad_sq + sq
+                self.updated += 1
+            else:
+                self.skipped.append(name)
+            p.grad = None
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
