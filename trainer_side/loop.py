@@ -396,7 +396,7 @@ class TrainingLoop:
         self.optimizer.zero_grad(set_to_none=True)
         try:
             self._updates.abort(f"optimizer step {step} failed: {type(err).__name__}: {err}")
-        except Exception as abort_err:  # the stream may be the thing that broke
+        except (grpc.RpcError, RuntimeError) as abort_err:  # the stream may be the thing that broke
             log.error("abort after a failed step also failed", step=step, error=str(abort_err))
 
     def _committed(self, batch, step, lr, tokens, mean_loss, grad_norm, t0, compute_s) -> pb.StreamProgressResponse:
