@@ -153,7 +153,7 @@ def _check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...], wei
             f"vLLM runs tensor parallelism {_tp_size(weights)} and this trainer binds unsharded models only"
         )
     raise BindError(
-        f"{name}: served tensor has shape {tuple(tensor.shape)}, the HF model built from the served config "
+        f"{name}: served shard has shape {tuple(tensor.shape)}, the HF model built from the served config "
         f"expects {expected}: the layout reported it zero-copy in a shape HF cannot use (a weightshare bug "
         "or an engine-private format): report it with the vLLM version"
     )

@@ -170,6 +170,7 @@ class TrainerProcess:
     flags: list[str] = field(default_factory=list)
     log_path: Path | None = None
     startup_timeout_s: float = 300.0
+    env: dict[str, str] | None = None  # added to this process's environment
     process: subprocess.Popen | None = None
 
     def start(self) -> Self:
@@ -177,7 +178,7 @@ class TrainerProcess:
             sys.executable, "-m", "weightshare.cli", "train", "--inference", self.inference_address,
             "--grpc", self.grpc_address, "--state-dir", str(self.state_dir), *self.flags,
         ]
-        self.process = _spawn(cmd, self.log_path, None)
+        self.process = _spawn(cmd, self.log_path, {**os.environ, **self.env} if self.env else None)
         try:
             wait_for_grpc_health(self.grpc_address, time.monotonic() + self.startup_timeout_s, self.process)
         except BaseException:

@@ -75,17 +75,21 @@ CHAT_TEMPLATE = (
 MAX_POSITIONS = 2048
 
 
-def _vocabulary() -> dict[str, int]:
+def _vocabulary(size: int = VOCAB_SIZE) -> dict[str, int]:
     tokens = list(SPECIAL_TOKENS) + WORDS_TEXT.split()
     assert len(set(tokens)) == len(tokens), "a word is listed twice"
-    assert len(tokens) <= VOCAB_SIZE, f"{len(tokens)} words do not fit VOCAB_SIZE={VOCAB_SIZE}"
-    tokens += [f"<|reserved_{i}|>" for i in range(VOCAB_SIZE - len(tokens))]
+    assert len(tokens) <= size, f"{len(tokens)} words do not fit a vocabulary of {size}"
+    tokens += [f"<|reserved_{i}|>" for i in range(size - len(tokens))]
     return {token: i for i, token in enumerate(tokens)}
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """The WordLevel tokenizer every tiny model ships: lower-cased words, ChatML-like chat template."""
-    vocab = _vocabulary()
+def build_tokenizer(vocab_size: int = VOCAB_SIZE) -> PreTrainedTokenizerFast:
+    """The WordLevel tokenizer every tiny model ships: lower-cased words, ChatML-like chat template.
+
+    `vocab_size` larger than the default pads with reserved tokens, so that a model of that vocabulary
+    (e.g. a random 248k-vocabulary Qwen3.5-27B shape) can decode every id it emits.
+    """
+    vocab = _vocabulary(vocab_size)
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
