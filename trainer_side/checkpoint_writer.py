@@ -30,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 WEIGHTS_NAME = "model.safetensors"
@@ -192,6 +193,8 @@ def save_model_streamed(
             save_file(copies, str(tmp), metadata={"format": "pt"})
             _fsync_path(tmp)
             os.replace(tmp, out_dir / filename)
+        except SafetensorError as err:  # e.g. "No space left on device": one error type for callers
+            raise OSError(f"writing {out_dir / filename}: {err}") from err
         finally:
             tmp.unlink(missing_ok=True)
         del copies  # free this shard's host memory before copying the next

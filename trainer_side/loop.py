@@ -283,7 +283,11 @@ class TrainingLoop:
         finally:
             self._updates.close()
         if reason.startswith("max_steps"):
-            self.save_checkpoint()
+            try:
+                self.save_checkpoint()
+            except OSError as err:  # e.g. a full disk: the weights stay served, say so instead of dying
+                log.error("checkpoint at max_steps failed", step=self.counters.step, error=str(err))
+                self.error = reason = f"{reason}; checkpoint failed: {err}"
         log.info("training loop stopped", reason=reason, step=self.counters.step)
         self._publish(self._event(pb.PROGRESS_KIND_STOPPED, message=reason))
 
