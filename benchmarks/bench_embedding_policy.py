@@ -24,9 +24,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from trainer_side.loss import loss_sum, pad_micro_batch  # noqa: E402
-from trainer_side.param_groups import build_optimizer, preset  # noqa: E402
-from weightshare.tiny_model import build_tiny_model, build_tokenizer  # noqa: E402
+from trainer_side.loss import loss_sum, pad_micro_batch
+from trainer_side.param_groups import build_optimizer, preset
+from weightshare.tiny_model import build_tiny_model, build_tokenizer
 
 POLICIES = ("apollo_mini", "adamw", "frozen")
 FACTS = [
@@ -49,9 +49,9 @@ class Example:
 def examples(tokenizer) -> list[Example]:
     out = []
     for question, answer in FACTS:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                               tokenize=True)
-        prompt = list(prompt["input_ids"] if isinstance(prompt, dict) else prompt)
+        text = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                             tokenize=False)
+        prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
         target = tokenizer(answer + " <|im_end|>", add_special_tokens=False)["input_ids"]
         out.append(Example(prompt + target, [False] * len(prompt) + [True] * len(target)))
     return out
@@ -92,8 +92,8 @@ def main() -> int:
             print(f"{policy}: final loss {results[policy][0][-1]:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     checkpoints = sorted({0, args.steps // 4, args.steps // 2, 3 * args.steps // 4, args.steps - 1})
     lines = [
-        f"Embedding/lm_head optimizer on a tiny Qwen3.5 (random init, 8 chat facts, full batch, APOLLO-Mini "
-        f"projections, lr {args.lr}), {platform.node()}, {time.strftime('%Y-%m-%d')}; loss per target token.",
+        (f"Embedding/lm_head optimizer on a tiny Qwen3.5 (random init, 8 chat facts, full batch, APOLLO-Mini "
+         f"projections, lr {args.lr}), {platform.node()}, {time.strftime('%Y-%m-%d')}; loss per target token."),
         "",
         "| embeddings | " + " | ".join(f"step {s + 1}" for s in checkpoints) + " | optimizer state |",
         "|---|" + "---|" * len(checkpoints) + "---|",

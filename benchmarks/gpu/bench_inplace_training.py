@@ -23,19 +23,18 @@ import platform
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from bench_attach import SHAPES, write_config  # noqa: E402
+from bench_attach import SHAPES, write_config
 
-from weightshare import grpc_util  # noqa: E402
-from weightshare.processes import ServedModel, TrainerProcess  # noqa: E402
-from weightshare.v1 import trainer_service_pb2 as tpb  # noqa: E402
-from weightshare.v1 import trainer_service_pb2_grpc as tpb_grpc  # noqa: E402
+from weightshare import grpc_util
+from weightshare.processes import ServedModel, TrainerProcess
+from weightshare.v1 import trainer_service_pb2 as tpb
+from weightshare.v1 import trainer_service_pb2_grpc as tpb_grpc
 
 # Dense bf16 peak of the cards this runs on (TFLOP/s), for MFU.
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "B200": 2250.0}
@@ -221,12 +220,12 @@ def main() -> int:
     peak = card_peak(card)
     n_params = results["params_b"] * 1e9
     lines = [
-        f"In-place training of {args.shape} ({results['params_b']:.2f} B parameters) beside vLLM on {card}, "
-        f"{platform.node()}, {time.strftime('%Y-%m-%d')}: fused APOLLO-Mini steps, gradient checkpointing, "
-        f"strict update mode; medians after the first 2 steps; engine start {results['engine_start_s']:.0f} s.",
+        (f"In-place training of {args.shape} ({results['params_b']:.2f} B parameters) beside vLLM on {card}, "
+         f"{platform.node()}, {time.strftime('%Y-%m-%d')}: fused APOLLO-Mini steps, gradient checkpointing, "
+         f"strict update mode; medians after the first 2 steps; engine start {results['engine_start_s']:.0f} s."),
         "",
-        "| tokens/example | steps | step s | first step s | tokens/s | MFU (6N) | vLLM paused s/step | "
-        "trainer peak alloc GB | loss first → last |",
+        ("| tokens/example | steps | step s | first step s | tokens/s | MFU (6N) | vLLM paused s/step | "
+         "trainer peak alloc GB | loss first → last |"),
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for tokens, r in results["lengths"].items():

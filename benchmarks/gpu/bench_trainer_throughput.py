@@ -24,9 +24,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from trainer_side.fused import FusedUpdates  # noqa: E402
-from trainer_side.loss import loss_sum  # noqa: E402
-from trainer_side.param_groups import build_optimizer, preset  # noqa: E402
+from trainer_side.fused import FusedUpdates
+from trainer_side.loss import loss_sum
+from trainer_side.param_groups import build_optimizer, preset
 
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
 # Qwen3.5-like shapes (every 4th layer full attention, GDN heads of 128, vocab 248,320).
@@ -91,7 +91,6 @@ def run(model, mode: str, batch: int, seq: int, steps: int) -> dict:
     finally:
         if mode != "plain":
             hooks.remove()
-        del opt
     best = sorted(times[1:])[len(times[1:]) // 2] if len(times) > 1 else times[0]
     return {"mode": mode, "batch": batch, "step_s": best, "tokens_per_s": batch * seq / best,
             "peak_gb": torch.cuda.max_memory_allocated() / 1e9}
@@ -122,8 +121,8 @@ def main() -> int:
                 torch.cuda.empty_cache()
             del model
             torch.cuda.empty_cache()
-    lines = [f"Trainer throughput on {card}, {time.strftime('%Y-%m-%d')}: random-init Qwen3.5 shapes, "
-             f"{args.seq} tokens per sequence, gradient checkpointing, median step after 1 warm-up.", "",
+    lines = [(f"Trainer throughput on {card}, {time.strftime('%Y-%m-%d')}: random-init Qwen3.5 shapes, "
+              f"{args.seq} tokens per sequence, gradient checkpointing, median step after 1 warm-up."), "",
              "| shape | params B | loop | batch | step s | tokens/s | MFU (6N) | peak GB |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("oom"):
