@@ -1,15 +1,19 @@
 """The training loop: a thread that trains the shared model on pending examples, one update per step.
 
-Each optimizer step:
+Each optimizer step (accumulating mode, the default):
   1. takes up to `examples_per_step` pending examples from the `ExampleStore` (waiting up to
-     `batch_wait_s` for a full batch), one example per micro-batch, gradients accumulated so the step
-     minimises the mean loss per target token over all of them;
+     `batch_wait_s` for a full batch), `micro_batch_size` examples per right-padded forward/backward
+     pass, gradients accumulated so the step minimises the mean loss per target token over all of them
+     (cross-entropy in chunks of target positions: trainer_side/loss.py);
   2. checks the loss and the gradient norm: if either is not finite the step is SKIPPED before anything
      is paused or written (gradients dropped, examples consumed);
   3. runs the update protocol around the write: `begin(step)` (strict mode: vLLM pauses at a forward-step
      boundary; concurrent mode: no pause) -> `optimizer.step()` (writes in place into vLLM's memory) ->
      `commit(step)` (new weights version, prefix cache reset, serving resumes);
   4. publishes a progress event (`weightshare.v1.StreamProgressResponse`).
+In fused mode (`fused_step`, trainer_side/fused.py) one micro-batch is the step: forward, loss check,
+`begin`, then backward applies each parameter's update as its gradient completes, then `commit`.
+Gradients are cleared before every step, so a step that failed never leaks into the next try.
 
 Checkpoints (every `checkpoint_every` steps, at max_steps, and on request) are directories
 `state_dir/checkpoints/step-NNNNNNNN` holding the weights as HF safetensors with the config and the
