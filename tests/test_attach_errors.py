@@ -28,7 +28,8 @@ from weightshare.v1 import weight_export_service_pb2_grpc as pb_grpc
 
 
 class FakeExporter(pb_grpc.WeightExportServiceServicer):
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, model_dir: str = ""):
+        self.model_dir = model_dir
         self.shared = move_to_shared_memory(model, "test" + os.urandom(4).hex(), 0)
         self.config_json = model.config.to_json_string()
         self.contract_version = CONTRACT_VERSION
@@ -45,7 +46,7 @@ class FakeExporter(pb_grpc.WeightExportServiceServicer):
     def identity(self) -> tensors_pb2.ModelIdentity:
         return tensors_pb2.ModelIdentity(
             architecture="LlamaForCausalLM", hf_config_json=self.config_json, host_id=self.host_id,
-            instance_id="fake", device_kind=tensors_pb2.DEVICE_KIND_CPU, tp_size=1,
+            instance_id="fake", device_kind=tensors_pb2.DEVICE_KIND_CPU, tp_size=1, model=self.model_dir,
         )
 
     def GetModelInfo(self, request, context):
@@ -68,7 +69,7 @@ class FakeExporter(pb_grpc.WeightExportServiceServicer):
 @pytest.fixture
 def exporter(tiny_model_path, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path("llama"))
-    fake = FakeExporter(model)
+    fake = FakeExporter(model, str(tiny_model_path("llama")))
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     pb_grpc.add_WeightExportServiceServicer_to_server(fake, server)
     address = f"unix://{tmp_path}/fake.sock"
@@ -128,3 +129,39 @@ def test_layout_with_a_wrong_shape(exporter):
 def test_cuda_handles_in_a_process_without_cuda():
     with pytest.raises(HandleError, match="sees no CUDA device"):
         local_cuda_index("GPU-00000000-0000-0000-0000-000000000000")
+
+
+def private_format(exporter, name: str) -> None:
+    """Make `name` look like a weight vLLM keeps only in a kernel-private format (no readable slices)."""
+    entry = next(e for e in exporter.layout if e.hf_name == name)
+    entry.zero_copy = False
+    entry.not_zero_copy_reason = "not zero-copy, because vLLM repacked it (test)"
+    del entry.slices[:]
+
+
+def test_private_format_parameter_is_copied_from_the_checkpoint_and_frozen(exporter):
+    from tests.weight_checks import checkpoint_tensors
+
+    private_format(exporter, "model.norm.weight")
+    with attach(exporter.address) as weights:
+        shared = build_shared_model(weights)
+        assert set(shared.copied) == {"model.norm.weight"} and "repacked" in shared.copied["model.norm.weight"]
+        norm = shared.model.model.norm.weight
+        assert not norm.requires_grad
+        expected = checkpoint_tensors(weights.identity.model)["model.norm.weight"]
+        assert torch.equal(norm, expected.to(norm.dtype))
+
+
+def test_private_format_parameter_without_a_local_checkpoint_names_the_cause(exporter):
+    private_format(exporter, "model.norm.weight")
+    exporter.model_dir = "some-org/some-hub-model"
+    with attach(exporter.address) as weights, pytest.raises(BindError, match="repacked.*serve a local model"):
+        build_shared_model(weights)
+
+
+def test_single_rank_shape_error_does_not_blame_tensor_parallelism(exporter):
+    entry = exporter.layout[0]
+    entry.slices[0].length = entry.slices[0].length - 1
+    with attach(exporter.address) as weights, pytest.raises(BindError) as info:
+        build_shared_model(weights)
+    assert "tensor parallel" not in str(info.value)
