@@ -48,9 +48,13 @@ SMALL_DEFAULTS = {
 
 
 def write_config(shape: str, out: Path) -> Path:
+    return write_qwen3_5_config({**SMALL_DEFAULTS, **SHAPES[shape]}, out)
+
+
+def write_qwen3_5_config(fields: dict, out: Path) -> Path:
+    """A bf16 text-only Qwen3.5 config.json in `out` (every 4th layer full attention), for dummy weights."""
     from transformers import Qwen3_5TextConfig
 
-    fields = {**SMALL_DEFAULTS, **SHAPES[shape]}
     layers = fields["num_hidden_layers"]
     config = Qwen3_5TextConfig(
         **fields, layer_types=[("full_attention" if (i + 1) % 4 == 0 else "linear_attention") for i in range(layers)],

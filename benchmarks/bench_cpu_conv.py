@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 DESIGNS = ("vllm-stock", "packed", "unpacked-cpp", "torch-conv")
 # name -> Qwen3_5TextConfig fields; every 4th layer full attention. GDN head dims 64 (vLLM's CPU
@@ -56,19 +56,9 @@ BASE = {
 
 
 def write_config(shape: str, out: Path) -> Path:
-    from transformers import Qwen3_5TextConfig
+    from bench_attach import write_qwen3_5_config
 
-    fields = {**BASE, **SHAPES[shape]}
-    layers = fields["num_hidden_layers"]
-    config = Qwen3_5TextConfig(
-        **fields, layer_types=["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(layers)],
-        linear_conv_kernel_dim=4, max_position_embeddings=4096, tie_word_embeddings=False,
-    )
-    config.dtype = "bfloat16"
-    config.architectures = ["Qwen3_5ForCausalLM"]
-    out.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(out)
-    return out
+    return write_qwen3_5_config({**BASE, **SHAPES[shape]}, out)
 
 
 def _worker(design: str, model_dir: str, new_tokens: int, repeats: int) -> dict:
