@@ -247,3 +247,16 @@ def test_fused_loop_begins_before_backward_and_frees_gradients(tmp_path, tiny_lo
     assert not torch.equal(before, model.model.layers[0].mlp.down_proj.weight)
     with pytest.raises(ValueError, match="must equal micro_batch_size"):
         LoopConfig(fused_step=True, examples_per_step=4, micro_batch_size=1)
+
+
+def test_interrupted_checkpoint_leaves_nothing_behind(tmp_path, tiny_loop):
+    from trainer_side.checkpoint_writer import CheckpointInterrupted
+    from trainer_side.loop import CHECKPOINTS_DIR, LoopConfig, latest_checkpoint
+
+    make, _, _, _ = tiny_loop
+    loop = make(LoopConfig(), ExampleStore(tmp_path))
+    loop.interrupt_checkpoint()  # a second SIGTERM while the final checkpoint would be written
+    with pytest.raises(CheckpointInterrupted):
+        loop.save_checkpoint()
+    assert latest_checkpoint(tmp_path) is None
+    assert not list((tmp_path / CHECKPOINTS_DIR).iterdir())

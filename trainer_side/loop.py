@@ -184,6 +184,7 @@ class TrainingLoop:
         self._device = self._params[0].device
         # Held for a whole step and for a checkpoint, so a checkpoint always sees committed weights.
         self._step_lock = threading.Lock()
+        self._checkpoint_interrupted = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._updates = None  # the UpdateStream of the running loop
@@ -446,12 +447,20 @@ class TrainingLoop:
         self._publish(self._event(pb.PROGRESS_KIND_CHECKPOINT, message=str(target)))
         return str(target)
 
+    def interrupt_checkpoint(self) -> None:
+        """Cut a checkpoint being written short (a second SIGTERM): its temporary directory is removed."""
+        self._checkpoint_interrupted.set()
+
     def _write_checkpoint(self, target: Path) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         # Streamed shard by shard: host memory holds one shard, not the model (54 GB at 27B).
-        save_model_streamed(self.model, tmp)
+        try:
+            save_model_streamed(self.model, tmp, should_stop=self._checkpoint_interrupted.is_set)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         source = Path(self.model_dir)
         for name in TOKENIZER_FILES:
             if (source / name).is_file() and not (tmp / name).exists():

@@ -5,7 +5,7 @@ APOLLO / APOLLO-Mini (AdamW for embeddings, norms and lm_head), resumes optimize
 cursor from the newest checkpoint in --state-dir, and serves TrainerService on --grpc. Examples
 submitted over gRPC are persisted in --state-dir before they are acknowledged, then trained on as they
 arrive (unless --no-autostart: then StartTraining starts the loop). SIGTERM/SIGINT: finish the current
-step, write a checkpoint, detach.
+step, write a checkpoint, detach (a second signal skips the checkpoint).
 
 Example:
     weightshare serve ./tiny-qwen3_5 --grpc unix:///tmp/ws.sock &
@@ -208,6 +208,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _serve(args, config, shared, optimizer, store, renderer, weights, checkpoint, state_dir) -> None:
+    from trainer_side.checkpoint_writer import CheckpointInterrupted
     from trainer_side.loop import TrainingLoop
     from trainer_side.service import ProgressHub, ServiceLimits, start_trainer_server
 
@@ -237,7 +238,14 @@ async def _serve(args, config, shared, optimizer, store, renderer, weights, chec
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("stopping: finishing the current step, then a checkpoint")
-    step, path = await asyncio.to_thread(loop.stop, True)
+    log.info("stopping: finishing the current step, then a checkpoint (signal again to skip the checkpoint)")
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, loop.interrupt_checkpoint)
+    try:
+        step, path = await asyncio.to_thread(loop.stop, True)
+    except CheckpointInterrupted:
+        step, path = loop.counters.step, ""
+        log.warning("checkpoint skipped on a second signal: restarting resumes from the previous one",
+                    step=step, previous=loop.last_checkpoint)
     await server.stop(grace_seconds=2.0)
     log.info("trainer stopped", step=step, checkpoint=path)
