@@ -2,9 +2,10 @@
 
 One command serves the shape with vLLM's dummy weights (`weightshare serve --load-format dummy`: a
 config and a tokenizer are all it needs), attaches `weightshare train --fused-step` to it, and for each
-example length trains `--steps` steps on random token examples submitted over gRPC, while reading:
+example length trains `--steps` steps on random token examples submitted over gRPC while `--clients` concurrent clients
+keep generating (and once before training, for a baseline), reading:
 step time, tokens/s, MFU (6·N·tokens/s over the card's dense bf16 peak; attention FLOPs left out),
-vLLM's pause per step, the trainer's peak CUDA memory (its `--memory-report` lines), each process's
+vLLM's pause per step, generation latency p50/p99 with and without training, the trainer's peak CUDA memory (its `--memory-report` lines), each process's
 memory on the card (nvidia-smi), and vLLM's greedy generation before and after. Prints a table and
 writes it with the raw numbers to --out.
 
@@ -23,6 +24,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -74,6 +76,56 @@ def process_tree(root_pid: int) -> set[int]:
                 pids.add(child)
                 frontier.append(child)
     return pids
+
+
+class GenerationLoad:
+    """`clients` concurrent completion loops against vLLM; latency of each request, failures counted."""
+
+    def __init__(self, served: ServedModel, clients: int, vocab: int, max_tokens: int = 32):
+        self.served, self.clients, self.vocab, self.max_tokens = served, clients, vocab, max_tokens
+        self.latencies: list[float] = []
+        self.tokens = 0
+        self.failed: list[str] = []
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def _client(self, i: int) -> None:
+        prompt = [(i * 131 + j * 17) % (self.vocab - 1) + 1 for j in range(64)]
+        while not self._stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                answer = self.served.completion(prompt, max_tokens=self.max_tokens, ignore_eos=True)
+                self.tokens += answer["usage"]["completion_tokens"]
+                self.latencies.append(time.perf_counter() - t0)
+            except Exception as err:  # noqa: BLE001 - every failure is counted and reported
+                self.failed.append(repr(err)[:200])
+
+    def __enter__(self):
+        self._t0 = time.perf_counter()
+        self._threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(self.clients)]
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=300)
+        self.seconds = time.perf_counter() - self._t0
+
+    def summary(self) -> dict:
+        lat = sorted(self.latencies)
+        pick = (lambda q: lat[min(len(lat) - 1, int(q * len(lat)))]) if lat else (lambda q: float("nan"))
+        return {"requests": len(lat), "failed": len(self.failed), "first_failure": self.failed[:1],
+                "p50_s": pick(0.5), "p99_s": pick(0.99),
+                "gen_tokens_per_s": self.tokens / self.seconds, "clients": self.clients}
+
+
+def kv_cache_line(serve_log: Path) -> str:
+    """vLLM's own report of its KV cache, if its log has one."""
+    lines = [ln for ln in serve_log.read_text(errors="replace").splitlines()
+             if "KV cache size" in ln or "Available KV cache memory" in ln]
+    return lines[-1].split(")", 1)[-1].strip()[:200] if lines else "not logged"
 
 
 def greedy(served: ServedModel) -> list[int]:
@@ -158,6 +210,9 @@ def main() -> int:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.70,
                         help="vLLM's share of the card (0.70 of an H100 leaves ~5 GB of KV cache at 27B)")
     parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of the trainer")
+    parser.add_argument("--clients", type=int, default=32,
+                        help="concurrent generation clients during each phase, and alone before training (0: none)")
+    parser.add_argument("--load-seconds", type=float, default=20.0, help="length of the no-training load phase")
     parser.add_argument("--train-flags", default="", help="extra `weightshare train` flags")
     parser.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "benchmarks" / "results")))
     args = parser.parse_args()
@@ -166,6 +221,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO")  # its KV-cache size line
     max_len = max(lengths) + 64
     tmp = Path(tempfile.mkdtemp(prefix="inplace-"))
     model_dir = write_config(args.shape, tmp / args.shape)
@@ -192,17 +248,31 @@ def main() -> int:
         results["engine_start_s"] = time.monotonic() - t0
         print(f"vLLM up in {results['engine_start_s']:.0f} s", flush=True)
         before = greedy(served)
+        load = {}
+        if args.clients:
+            with GenerationLoad(served, args.clients, config["vocab_size"]) as idle_load:
+                time.sleep(args.load_seconds)
+            load["no training"] = idle_load.summary()
+            print(json.dumps(load), flush=True)
         t1 = time.monotonic()
         with trainer:
             results["trainer_start_s"] = time.monotonic() - t1
             stub = tpb_grpc.TrainerServiceStub(grpc_util.open_sync_channel(trainer.grpc_address))
             all_rows = []
             for tokens in lengths:
-                rows = run_phase(stub, trainer, served, tokens, args.steps, config["vocab_size"], memory)
+                if args.clients:
+                    with GenerationLoad(served, args.clients, config["vocab_size"]) as busy_load:
+                        rows = run_phase(stub, trainer, served, tokens, args.steps, config["vocab_size"], memory)
+                    load[f"training {tokens} tokens"] = busy_load.summary()
+                    print(json.dumps(load), flush=True)
+                else:
+                    rows = run_phase(stub, trainer, served, tokens, args.steps, config["vocab_size"], memory)
                 all_rows += rows
                 results["lengths"][tokens] = summarize(rows, skip_first=2)
             generated_during = greedy(served)
         after = greedy(served)
+        results["load"] = load
+        results["kv_cache"] = kv_cache_line(out / "serve.log")
     peaks = trainer_peaks(out / "train.log")
     step = 0
     for tokens in lengths:
@@ -234,7 +304,13 @@ def main() -> int:
         lines.append(f"| {tokens} | {r['steps']} | {r['step_s']:.2f} | {r['first_step_s']:.2f} | "
                      f"{r['tokens_per_s']:.0f} | {mfu} | {r['paused_s']:.2f} | {alloc} | "
                      f"{r['loss_first']:.3f} → {r['loss_last']:.3f} |")
-    lines += ["", f"Card memory per process (max seen, GB): {json.dumps({k: round(v, 1) for k, v in memory.items()})}",
+    if load:
+        lines += ["", f"Generation load: {args.clients} concurrent clients, 64-token prompts, 32 new tokens each.", "",
+                  "| phase | requests | failed | p50 s | p99 s | generated tokens/s |", "|---|---|---|---|---|---|"]
+        lines += [f"| {phase} | {r['requests']} | {r['failed']} | {r['p50_s']:.2f} | {r['p99_s']:.2f} | "
+                  f"{r['gen_tokens_per_s']:.0f} |" for phase, r in load.items()]
+    lines += ["", f"vLLM's KV cache: {results['kv_cache']}",
+              f"Card memory per process (max seen, GB): {json.dumps({k: round(v, 1) for k, v in memory.items()})}",
               f"Greedy tokens before {before}, after {after}: changed = {before != after}."]
     table = "\n".join(lines)
     print(table)
