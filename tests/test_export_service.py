@@ -176,7 +176,8 @@ def test_trainer_killed_while_paused_resumes_serving(qwen35_server):
         os.kill(child.pid, signal.SIGKILL)
         killed_at = time.monotonic()
         while stub.GetExportStatus(pb.GetExportStatusRequest()).paused:
-            assert time.monotonic() - killed_at < 1.0, "vLLM still paused 1 s after the trainer died"
+            # A hang guard, not a speed claim (the abort is driven by the broken stream, not a timer).
+            assert time.monotonic() - killed_at < 30.0, "vLLM still paused 30 s after the trainer died"
             time.sleep(0.02)
     finally:
         child.kill()

@@ -115,6 +115,29 @@ def test_row_parallel_column_block():
 
 
 @pytest.mark.parametrize(
+    ("tp_rank", "tp_size", "split_dim", "blocks"),
+    [(0, 1, -1, [Block(0, 0, 128)]), (1, 2, 1, [Block(256, 0, 256)]), (3, 4, 1, [Block(384, 0, 128)])],
+)
+def test_place_row_gives_each_rank_its_column_block(tp_rank, tp_size, split_dim, blocks):
+    from types import SimpleNamespace
+
+    from inference_side.layout import _place_row
+
+    module = SimpleNamespace(tp_rank=tp_rank, tp_size=tp_size)
+    placement = _place_row(module, 1, (128, 512))
+    assert placement.split_dim == split_dim and placement.blocks == blocks and not placement.reason
+
+
+def test_place_row_reports_an_uneven_split():
+    from types import SimpleNamespace
+
+    from inference_side.layout import _place_row
+
+    placement = _place_row(SimpleNamespace(tp_rank=0, tp_size=3), 1, (128, 512))
+    assert not placement.blocks and "512" in placement.reason
+
+
+@pytest.mark.parametrize(
     ("vocab", "padded", "tp_size", "expected"),
     [
         (500, 512, 1, [[Block(0, 0, 500)]]),
