@@ -2,7 +2,8 @@
 
 Each parameter's bytes are copied once into the file and the parameter is re-pointed at its slice
 (`param.data = view`), before vLLM warms up, so from then on vLLM computes with the shared memory
-itself. The file is removed when the process exits; a mapping another process holds stays valid.
+itself. The file (mode 0600) is removed when the process exits, however it exits
+(`weightshare.shm_reaper`); a mapping another process holds stays valid.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 import structlog
 import torch
 
-from weightshare import shm
+from weightshare import shm, shm_reaper
 from weightshare.dtypes import to_proto_dtype
 from weightshare.v1 import tensors_pb2
 
@@ -94,6 +95,9 @@ def move_to_shared_memory(model: torch.nn.Module, export_id: str, rank: int) -> 
     path = os.path.join(shm.SHM_DIR, f"weightshare-{os.getpid()}-{export_id}-rank{rank}")
     buffer = shm.create_file(path, total)
     atexit.register(_unlink_quietly, path)
+    # vLLM force-kills workers (atexit never runs) and a group SIGKILL runs nothing: a watcher in its
+    # own session removes the file when this process is gone.
+    shm_reaper.start(os.getpid(), path)
     tensors = []
     with torch.no_grad():
         for (name, p), offset in zip(params, offsets):
