@@ -30,6 +30,7 @@ from weightshare.v1 import weight_export_service_pb2_grpc as pb_grpc
 class FakeExporter(pb_grpc.WeightExportServiceServicer):
     def __init__(self, model: torch.nn.Module, model_dir: str = ""):
         self.model_dir = model_dir
+        self.detached: list[str] = []
         self.shared = move_to_shared_memory(model, "test" + os.urandom(4).hex(), 0)
         self.config_json = model.config.to_json_string()
         self.contract_version = CONTRACT_VERSION
@@ -56,6 +57,7 @@ class FakeExporter(pb_grpc.WeightExportServiceServicer):
         return pb.AttachTrainerResponse(session_id="s", identity=self.identity())
 
     def DetachTrainer(self, request, context):
+        self.detached.append(request.session_id)
         return pb.DetachTrainerResponse()
 
     def GetLayout(self, request, context):
@@ -165,3 +167,11 @@ def test_single_rank_shape_error_does_not_blame_tensor_parallelism(exporter):
     with attach(exporter.address) as weights, pytest.raises(BindError) as info:
         build_shared_model(weights)
     assert "tensor parallel" not in str(info.value)
+
+
+def test_a_failed_attach_releases_its_session(exporter):
+    exporter.shared = type(exporter.shared)(exporter.shared.path + "-gone", exporter.shared.size_bytes,
+                                            exporter.shared.base_ptr, exporter.shared.tensors)
+    with pytest.raises(HandleError):
+        attach(exporter.address)
+    assert exporter.detached == ["s"]

@@ -83,6 +83,16 @@ class AttachedWeights:
         self.close()
 
 
+def _detach_quietly(stub, attached, metadata) -> None:
+    """Release a session that attach opened before failing, so it does not linger on the inference side."""
+    if attached is None:
+        return
+    try:
+        stub.DetachTrainer(pb.DetachTrainerRequest(session_id=attached.session_id), metadata=metadata)
+    except grpc.RpcError as err:
+        log.warning("detach after a failed attach failed", code=err.code().name, details=err.details())
+
+
 def attach(
     address: str, *, token: str | None = None, trainer_name: str = "trainer", tp_rank: int = 0,
     batch_size: int = 0, expected_instance_id: str = "",
@@ -91,6 +101,7 @@ def attach(
     channel = grpc_util.open_sync_channel(address)
     stub = pb_grpc.WeightExportServiceStub(channel)
     metadata = grpc_util.call_metadata(token)
+    attached = None
     try:
         info = stub.GetModelInfo(pb.GetModelInfoRequest(tp_rank=tp_rank), metadata=metadata)
         if info.contract_version != CONTRACT_VERSION:
@@ -127,9 +138,11 @@ def attach(
         t_handles = time.perf_counter()
         engine_tensors = open_views(storages, views)
     except grpc.RpcError as err:
+        _detach_quietly(stub, attached, metadata)
         channel.close()
         raise AttachError(f"{address}: {err.code().name}: {err.details()}") from None
     except (AttachError, HandleError):
+        _detach_quietly(stub, attached, metadata)
         channel.close()
         raise
     t_done = time.perf_counter()
