@@ -153,7 +153,7 @@ class WeightExportServicer(pb_grpc.WeightExportServiceServicer):
         return pb.DetachTrainerResponse(remaining_trainers=len(self._sessions))
 
     async def UpdateWeights(self, request_iterator, context):
-        session_id = ""
+        session_id, begun_id = "", ""
         try:
             async for request in request_iterator:
                 if session_id and request.session_id != session_id:
@@ -163,13 +163,17 @@ class WeightExportServicer(pb_grpc.WeightExportServiceServicer):
                     )
                 await self._check_session(request.session_id, context)
                 session_id = request.session_id
-                yield await self._apply(request, context)
+                response = await self._apply(request, context)
+                if request.WhichOneof("action") == "begin":
+                    begun_id = self._coordinator.current_update_id  # only this stream's update is its to abandon
+                if response is not None:  # heartbeats are not acknowledged
+                    yield response
         finally:
             # Runs on clean end, on error and on cancellation (peer gone): never leave vLLM paused.
-            if session_id:
-                await asyncio.shield(self._coordinator.abandon(session_id, "update stream ended"))
+            if begun_id:
+                await asyncio.shield(self._coordinator.abandon(session_id, "update stream ended", begun_id))
 
-    async def _apply(self, request, context) -> pb.UpdateWeightsResponse:
+    async def _apply(self, request, context) -> pb.UpdateWeightsResponse | None:
         action = request.WhichOneof("action")
         try:
             if action == "begin":
@@ -179,7 +183,12 @@ class WeightExportServicer(pb_grpc.WeightExportServiceServicer):
             if action == "commit":
                 return await self._coordinator.commit(request.session_id, request.commit.step)
             if action == "abort":
-                return await self._coordinator.abort(request.session_id, request.abort.reason)
+                return await self._coordinator.abort(
+                    request.session_id, request.abort.reason, request.abort.weights_untouched
+                )
+            if action == "heartbeat":
+                await self._coordinator.heartbeat(request.session_id, request.heartbeat.step)
+                return None
         except UpdateError as err:
             await context.abort(getattr(grpc.StatusCode, err.code_name), str(err))
         await context.abort(
@@ -201,5 +210,6 @@ class WeightExportServicer(pb_grpc.WeightExportServiceServicer):
                 for s in self._sessions.values()
             ],
             events=list(stats.events), commits=stats.commits, aborts=stats.aborts,
-            total_paused_seconds=stats.total_paused_seconds,
+            total_paused_seconds=stats.total_paused_seconds, weights_torn=stats.weights_torn,
+            torn_step=stats.torn_step,
         )

@@ -8,8 +8,16 @@
   cache preempting running requests (so no KV computed with old weights is reused: they recompute),
   then resumes; abort resumes with the version and cache unchanged.
 - Concurrent mode: no pause; commit bumps the version and resets the prefix cache when it can.
-A watchdog aborts an update whose pause outlasts its limit, and a broken trainer stream aborts its
-update at once, so a dead trainer never leaves vLLM paused.
+Liveness, not step length, decides when to give up: the trainer sends heartbeats while it works, and
+a watchdog aborts an update only after `max_pause_seconds` of silence; a broken trainer stream aborts
+its update at once, so a dead trainer never leaves vLLM paused.
+
+States: IDLE --begin--> OPEN --commit--> IDLE (version +1, weights trusted)
+                        OPEN --abort / silence / stream broken / shutdown--> IDLE (version unchanged)
+An abort after begin may follow partial writes: unless the trainer's AbortUpdate says
+`weights_untouched`, the weights are flagged torn (status, responses, an event) and the prefix cache is
+invalidated; the flag stays until a commit publishes a consistent set again. Each update has its own
+id, so the late cleanup of an old stream never aborts a newer update of the same trainer.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import structlog
@@ -41,6 +50,8 @@ class _Update:
     step: int
     began_at: float
     paused: bool
+    update_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    last_heard: float = 0.0  # monotonic time of the trainer's last message about this update
     watchdog: asyncio.Task | None = None
 
 
@@ -50,6 +61,8 @@ class UpdateStats:
     commits: int = 0
     aborts: int = 0
     total_paused_seconds: float = 0.0
+    weights_torn: bool = False
+    torn_step: int = 0
     events: collections.deque = field(default_factory=lambda: collections.deque(maxlen=100))
 
 
@@ -71,6 +84,10 @@ class UpdateCoordinator:
     def in_progress(self) -> bool:
         return self._update is not None
 
+    @property
+    def current_update_id(self) -> str:
+        return self._update.update_id if self._update is not None else ""
+
     def record_event(self, kind: str, message: str) -> None:
         self.stats.events.append(pb.ExportEvent(unix_time=time.time(), kind=kind, message=message))
         log.warning("update event", kind=kind, message=message)
@@ -91,20 +108,36 @@ class UpdateCoordinator:
                 # "keep": freeze in-flight requests at a step boundary; they resume on resume_generation.
                 await self._engine.pause_generation(mode="keep", clear_cache=False)
             now = time.monotonic()
-            self._update = _Update(session_id, step, now, paused=strict)
+            self._update = _Update(session_id, step, now, paused=strict, last_heard=now)
             if strict:
                 limit = max_pause_seconds or DEFAULT_MAX_PAUSE_SECONDS
                 self._update.watchdog = asyncio.create_task(self._watchdog(self._update, limit))
             return pb.UpdateWeightsResponse(
                 phase=pb.UPDATE_PHASE_BEGUN, weights_version=self.stats.weights_version, step=step,
                 pause_wait_seconds=(now - started) if strict else 0.0, mode=self.mode,
+                weights_torn=self.stats.weights_torn,
             )
+
+    async def heartbeat(self, session_id: str, step: int) -> None:
+        """The trainer is still working on its open update: the watchdog's silence clock restarts.
+
+        A heartbeat for no open update of this trainer (it crossed a commit, or the update was already
+        aborted) is ignored: the trainer learns of an abort from its next commit.
+        """
+        async with self._lock:
+            update = self._update
+            if update is not None and update.session_id == session_id and update.step == step:
+                update.last_heard = time.monotonic()
 
     async def commit(self, session_id: str, step: int) -> pb.UpdateWeightsResponse:
         async with self._lock:
             update = self._owned_update(session_id, "commit")
             self.stats.weights_version += 1
             self.stats.commits += 1
+            if self.stats.weights_torn:
+                self.record_event("weights_consistent", f"version {self.stats.weights_version} committed over "
+                                  f"the torn weights of step {self.stats.torn_step}")
+            self.stats.weights_torn = False
             strict = self.mode == pb.UPDATE_MODE_STRICT
             reset = await self._engine.reset_prefix_cache(reset_running_requests=strict)
             if not reset:
@@ -116,20 +149,24 @@ class UpdateCoordinator:
             log.info("update committed", version=self.stats.weights_version, step=step, paused_s=paused_seconds)
             return pb.UpdateWeightsResponse(
                 phase=pb.UPDATE_PHASE_COMMITTED, weights_version=self.stats.weights_version, step=step,
-                paused_seconds=paused_seconds, mode=self.mode,
+                paused_seconds=paused_seconds, mode=self.mode, weights_torn=False,
             )
 
-    async def abort(self, session_id: str, reason: str) -> pb.UpdateWeightsResponse:
+    async def abort(self, session_id: str, reason: str, weights_untouched: bool = False) -> pb.UpdateWeightsResponse:
         async with self._lock:
             update = self._owned_update(session_id, "abort")
-            return await self._abort_locked(update, "trainer_abort", reason or "aborted by trainer")
+            return await self._abort_locked(
+                update, "trainer_abort", reason or "aborted by trainer", written=not weights_untouched
+            )
 
-    async def abandon(self, session_id: str, why: str) -> bool:
-        """The trainer's stream ended: abort its open update, if any. Returns True if one was open."""
+    async def abandon(self, session_id: str, why: str, update_id: str = "") -> bool:
+        """The trainer's stream ended: abort its open update (only `update_id`, when given). True if aborted."""
         async with self._lock:
             update = self._update
             if update is None or update.session_id != session_id:
                 return False
+            if update_id and update.update_id != update_id:
+                return False  # a newer update of this trainer, begun on another stream
             await self._abort_locked(update, "stream_broken_while_paused" if update.paused else "stream_broken", why)
             return True
 
@@ -145,14 +182,23 @@ class UpdateCoordinator:
             raise UpdateError("FAILED_PRECONDITION", f"{action}: the open update belongs to another trainer")
         return self._update
 
-    async def _abort_locked(self, update: _Update, kind: str, reason: str) -> pb.UpdateWeightsResponse:
+    async def _abort_locked(
+        self, update: _Update, kind: str, reason: str, written: bool = True
+    ) -> pb.UpdateWeightsResponse:
         self.stats.aborts += 1
+        if written:
+            # Writes may have begun: never serve them silently. Cached prefixes computed before the
+            # abort no longer match the weights either way; drop them while still paused.
+            self.stats.weights_torn, self.stats.torn_step = True, update.step
+            await self._engine.reset_prefix_cache(reset_running_requests=update.paused)
+            self.record_event("weights_may_be_torn", f"update of step {update.step} aborted ({kind}): served "
+                              "weights may mix old and new values until the next commit")
         paused_seconds = await self._finish(update)
         if kind != "trainer_abort":
             self.record_event(kind, f"update of step {update.step} aborted after {paused_seconds:.3f}s: {reason}")
         return pb.UpdateWeightsResponse(
             phase=pb.UPDATE_PHASE_ABORTED, weights_version=self.stats.weights_version, step=update.step,
-            paused_seconds=paused_seconds, mode=self.mode,
+            paused_seconds=paused_seconds, mode=self.mode, weights_torn=self.stats.weights_torn,
         )
 
     async def _finish(self, update: _Update) -> float:
@@ -168,7 +214,15 @@ class UpdateCoordinator:
         return paused_seconds
 
     async def _watchdog(self, update: _Update, limit: float) -> None:
-        await asyncio.sleep(limit)
-        async with self._lock:
-            if self._update is update:
-                await self._abort_locked(update, "pause_timeout", f"paused longer than {limit:.1f}s")
+        """Abort `update` once the trainer has been silent for `limit` seconds (heartbeats restart it)."""
+        while True:
+            await asyncio.sleep(max(0.0, update.last_heard + limit - time.monotonic()))
+            async with self._lock:
+                if self._update is not update:
+                    return
+                silent = time.monotonic() - update.last_heard
+                if silent >= limit:
+                    await self._abort_locked(
+                        update, "pause_timeout", f"no word from the trainer for {silent:.1f}s (limit {limit:.1f}s)"
+                    )
+                    return

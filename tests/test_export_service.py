@@ -150,6 +150,18 @@ def test_begin_commit_abort_and_status(qwen35_server):
         assert not status.paused and status.aborts == start.aborts + 1 and status.commits == start.commits + 1
 
 
+def test_heartbeats_carry_a_step_longer_than_the_silence_limit(qwen35_server):
+    stub = stub_for(qwen35_server)
+    with attach(qwen35_server.grpc_address, trainer_name="slow-step") as weights, weights.update_stream() as updates:
+        updates.begin(step=1, max_pause_seconds=0.6)
+        time.sleep(1.5)  # a "step" longer than the limit: heartbeats every 0.2 s keep it open
+        status = stub.GetExportStatus(pb.GetExportStatusRequest())
+        assert status.update_in_progress and status.paused
+        committed = updates.commit(step=1)
+        assert committed.phase == pb.UPDATE_PHASE_COMMITTED and not committed.weights_torn
+    assert not stub.GetExportStatus(pb.GetExportStatusRequest()).weights_torn
+
+
 TRAINER_THAT_DIES = textwrap.dedent(
     """
     import sys, time
@@ -182,10 +194,16 @@ def test_trainer_killed_while_paused_resumes_serving(qwen35_server):
     finally:
         child.kill()
         child.wait()
-    events = stub.GetExportStatus(pb.GetExportStatusRequest()).events
-    kinds = [e.kind for e in events]
+    status = stub.GetExportStatus(pb.GetExportStatusRequest())
+    kinds = [e.kind for e in status.events]
     assert "stream_broken_while_paused" in kinds and "trainer_gone" in kinds
+    # It may have been writing: the weights are flagged, not silently served as trusted.
+    assert status.weights_torn and status.torn_step == 1 and "weights_may_be_torn" in kinds
     assert greedy(qwen35_server)[0]
+    with attach(qwen35_server.grpc_address, trainer_name="restorer") as weights, weights.update_stream() as updates:
+        updates.begin(step=2)
+        assert not updates.commit(step=2).weights_torn  # a commit publishes a consistent set again
+    assert not stub.GetExportStatus(pb.GetExportStatusRequest()).weights_torn
 
 
 def test_concurrent_generation_during_updates_all_succeed(qwen35_server):

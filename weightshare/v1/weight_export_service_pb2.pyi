@@ -122,6 +122,12 @@ class BeginUpdate(_message.Message):
     max_pause_seconds: float
     def __init__(self, step: _Optional[int] = ..., max_pause_seconds: _Optional[float] = ...) -> None: ...
 
+class HeartbeatUpdate(_message.Message):
+    __slots__ = ("step",)
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    def __init__(self, step: _Optional[int] = ...) -> None: ...
+
 class CommitUpdate(_message.Message):
     __slots__ = ("step",)
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -129,38 +135,44 @@ class CommitUpdate(_message.Message):
     def __init__(self, step: _Optional[int] = ...) -> None: ...
 
 class AbortUpdate(_message.Message):
-    __slots__ = ("reason",)
+    __slots__ = ("reason", "weights_untouched")
     REASON_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_UNTOUCHED_FIELD_NUMBER: _ClassVar[int]
     reason: str
-    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+    weights_untouched: bool
+    def __init__(self, reason: _Optional[str] = ..., weights_untouched: _Optional[bool] = ...) -> None: ...
 
 class UpdateWeightsRequest(_message.Message):
-    __slots__ = ("session_id", "begin", "commit", "abort")
+    __slots__ = ("session_id", "begin", "commit", "abort", "heartbeat")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     BEGIN_FIELD_NUMBER: _ClassVar[int]
     COMMIT_FIELD_NUMBER: _ClassVar[int]
     ABORT_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     begin: BeginUpdate
     commit: CommitUpdate
     abort: AbortUpdate
-    def __init__(self, session_id: _Optional[str] = ..., begin: _Optional[_Union[BeginUpdate, _Mapping]] = ..., commit: _Optional[_Union[CommitUpdate, _Mapping]] = ..., abort: _Optional[_Union[AbortUpdate, _Mapping]] = ...) -> None: ...
+    heartbeat: HeartbeatUpdate
+    def __init__(self, session_id: _Optional[str] = ..., begin: _Optional[_Union[BeginUpdate, _Mapping]] = ..., commit: _Optional[_Union[CommitUpdate, _Mapping]] = ..., abort: _Optional[_Union[AbortUpdate, _Mapping]] = ..., heartbeat: _Optional[_Union[HeartbeatUpdate, _Mapping]] = ...) -> None: ...
 
 class UpdateWeightsResponse(_message.Message):
-    __slots__ = ("phase", "weights_version", "step", "paused_seconds", "pause_wait_seconds", "mode")
+    __slots__ = ("phase", "weights_version", "step", "paused_seconds", "pause_wait_seconds", "mode", "weights_torn")
     PHASE_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_VERSION_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     PAUSED_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PAUSE_WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_TORN_FIELD_NUMBER: _ClassVar[int]
     phase: UpdatePhase
     weights_version: int
     step: int
     paused_seconds: float
     pause_wait_seconds: float
     mode: UpdateMode
-    def __init__(self, phase: _Optional[_Union[UpdatePhase, str]] = ..., weights_version: _Optional[int] = ..., step: _Optional[int] = ..., paused_seconds: _Optional[float] = ..., pause_wait_seconds: _Optional[float] = ..., mode: _Optional[_Union[UpdateMode, str]] = ...) -> None: ...
+    weights_torn: bool
+    def __init__(self, phase: _Optional[_Union[UpdatePhase, str]] = ..., weights_version: _Optional[int] = ..., step: _Optional[int] = ..., paused_seconds: _Optional[float] = ..., pause_wait_seconds: _Optional[float] = ..., mode: _Optional[_Union[UpdateMode, str]] = ..., weights_torn: _Optional[bool] = ...) -> None: ...
 
 class GetExportStatusRequest(_message.Message):
     __slots__ = ()
@@ -189,7 +201,7 @@ class ExportEvent(_message.Message):
     def __init__(self, unix_time: _Optional[float] = ..., kind: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class GetExportStatusResponse(_message.Message):
-    __slots__ = ("identity", "paused", "update_in_progress", "update_mode", "trainers", "events", "commits", "aborts", "total_paused_seconds")
+    __slots__ = ("identity", "paused", "update_in_progress", "update_mode", "trainers", "events", "commits", "aborts", "total_paused_seconds", "weights_torn", "torn_step")
     IDENTITY_FIELD_NUMBER: _ClassVar[int]
     PAUSED_FIELD_NUMBER: _ClassVar[int]
     UPDATE_IN_PROGRESS_FIELD_NUMBER: _ClassVar[int]
@@ -199,6 +211,8 @@ class GetExportStatusResponse(_message.Message):
     COMMITS_FIELD_NUMBER: _ClassVar[int]
     ABORTS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_PAUSED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_TORN_FIELD_NUMBER: _ClassVar[int]
+    TORN_STEP_FIELD_NUMBER: _ClassVar[int]
     identity: _tensors_pb2.ModelIdentity
     paused: bool
     update_in_progress: bool
@@ -208,4 +222,6 @@ class GetExportStatusResponse(_message.Message):
     commits: int
     aborts: int
     total_paused_seconds: float
-    def __init__(self, identity: _Optional[_Union[_tensors_pb2.ModelIdentity, _Mapping]] = ..., paused: _Optional[bool] = ..., update_in_progress: _Optional[bool] = ..., update_mode: _Optional[_Union[UpdateMode, str]] = ..., trainers: _Optional[_Iterable[_Union[AttachedTrainer, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[ExportEvent, _Mapping]]] = ..., commits: _Optional[int] = ..., aborts: _Optional[int] = ..., total_paused_seconds: _Optional[float] = ...) -> None: ...
+    weights_torn: bool
+    torn_step: int
+    def __init__(self, identity: _Optional[_Union[_tensors_pb2.ModelIdentity, _Mapping]] = ..., paused: _Optional[bool] = ..., update_in_progress: _Optional[bool] = ..., update_mode: _Optional[_Union[UpdateMode, str]] = ..., trainers: _Optional[_Iterable[_Union[AttachedTrainer, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[ExportEvent, _Mapping]]] = ..., commits: _Optional[int] = ..., aborts: _Optional[int] = ..., total_paused_seconds: _Optional[float] = ..., weights_torn: _Optional[bool] = ..., torn_step: _Optional[int] = ...) -> None: ...
