@@ -23,6 +23,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from trainer_side.loop import latest_checkpoint, read_checkpoint_state
@@ -58,7 +59,7 @@ class Trainer(TrainerProcess):
         self.stub = pb_grpc.TrainerServiceStub(self.channel)
 
     def status(self) -> pb.GetTrainingStatusResponse:
-        return self.stub.GetTrainingStatus(pb.GetTrainingStatusRequest(), timeout=10)
+        return self.stub.GetTrainingStatus(pb.GetTrainingStatusRequest(), timeout=30)
 
     def wait_until(self, predicate, timeout_s: float = 120.0) -> pb.GetTrainingStatusResponse:
         deadline = time.monotonic() + timeout_s
@@ -158,6 +159,18 @@ def test_kill_9_and_restart_loses_nothing(served, tmp_path):
     try:
         status = restarted.status()
         assert not status.running
+        # The served weights went on past the checkpoint (or were torn by the kill): the restart wrote the
+        # checkpoint's weights back, so weights, optimizer state and cursor agree again.
+        from tests.weight_checks import checkpoint_tensors
+        from trainer_side.attach import attach
+
+        on_disk = checkpoint_tensors(checkpoint)
+        with attach(served.grpc_address, trainer_name="inspector") as weights:
+            for name in ("lm_head.weight", "model.layers.0.linear_attn.conv1d.weight", "model.norm.weight"):
+                assert torch.equal(weights.hf_tensor(name), on_disk[name].to(weights.hf_tensor(name).dtype)), name
+            export = weights.stub.GetExportStatus(export_pb.GetExportStatusRequest())
+            assert not export.weights_torn
+            assert status.weights_version == export.identity.weights_version
         assert status.step == saved["counters"]["step"] >= 2
         assert status.trained_examples == saved["cursor"]
         assert status.trained_examples + status.pending_examples == submitted

@@ -207,6 +207,42 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _make_served_weights_consistent(loop, weights, checkpoint) -> None:
+    """Writes the checkpoint's weights into vLLM when the served ones are not what it saved.
+
+    Served version ahead (steps after the checkpoint were lost with the trainer), behind (vLLM
+    restarted from its original weights) or torn (an update aborted mid-write): the checkpoint's
+    weights, optimizer state and cursor are one consistent state, so they win; the examples after the
+    cursor are trained again. Torn weights with no checkpoint go back to the served model's own files.
+    """
+    from trainer_side.restore import load_weights_into
+    from weightshare.v1 import weight_export_service_pb2 as export_pb
+
+    status = weights.stub.GetExportStatus(export_pb.GetExportStatusRequest(), metadata=weights.metadata)
+    served = status.identity.weights_version
+    saved = loop.counters.weights_version if checkpoint is not None else None
+    if checkpoint is not None and (status.weights_torn or served != saved):
+        source, why = checkpoint, (f"served weights are torn (step {status.torn_step})" if status.weights_torn
+                                   else f"served weights version {served} is not the checkpoint's {saved}")
+    elif checkpoint is None and status.weights_torn:
+        source, why = Path(weights.identity.model), f"served weights are torn (step {status.torn_step})"
+    else:
+        loop.counters.weights_version = served
+        return
+    log.warning("restoring the served weights", source=str(source), why=why,
+                examples_to_train_again=loop.store.pending)
+    with weights.update_stream() as updates:
+        updates.begin(step=loop.counters.step)
+        try:
+            written = load_weights_into(loop.model, source)
+        except BaseException as err:
+            updates.abort(f"restoring {source} failed: {err}")
+            raise
+        ack = updates.commit(step=loop.counters.step)
+    loop.counters.weights_version = ack.weights_version
+    log.info("served weights restored", source=str(source), parameters=written, weights_version=ack.weights_version)
+
+
 async def _serve(args, config, shared, optimizer, store, renderer, weights, checkpoint, state_dir) -> None:
     from trainer_side.checkpoint_writer import CheckpointInterrupted
     from trainer_side.loop import TrainingLoop
@@ -220,13 +256,7 @@ async def _serve(args, config, shared, optimizer, store, renderer, weights, chec
     )
     if checkpoint is not None:
         loop.restore(checkpoint)
-        if weights.identity.weights_version < loop.counters.weights_version:
-            log.warning(
-                "the inference side's weights are older than the checkpoint: vLLM restarted? serve the "
-                "checkpoint directory instead, or training continues from the original weights",
-                served_version=weights.identity.weights_version, checkpoint=str(checkpoint),
-            )
-    loop.counters.weights_version = weights.identity.weights_version  # the served version is the truth
+    _make_served_weights_consistent(loop, weights, checkpoint)
     server = await start_trainer_server(
         loop, renderer, hub, args.grpc, args.token, args.inference, weights.info.update_mode, limits
     )
