@@ -82,6 +82,11 @@ def _apply_cpu_defaults(args: argparse.Namespace) -> bool:
 def run(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     grpc_util.validate_address(args.grpc)
+    try:
+        grpc_util.remove_stale_socket(args.grpc)
+    except grpc_util.AddressInUse as err:
+        log.error("cannot serve on this address", address=args.grpc, error=str(err))
+        return 2
     host = args.grpc.rpartition(":")[0].strip("[]")
     if not args.grpc.startswith("unix://") and host not in ("127.0.0.1", "localhost", "::1") and not args.token:
         log.warning("weight export reachable beyond this host without a token: pass --token", address=args.grpc)

@@ -260,3 +260,39 @@ def test_interrupted_checkpoint_leaves_nothing_behind(tmp_path, tiny_loop):
         loop.save_checkpoint()
     assert latest_checkpoint(tmp_path) is None
     assert not list((tmp_path / CHECKPOINTS_DIR).iterdir())
+
+
+def test_a_live_unix_socket_is_never_taken_over(tmp_path):
+    import socket
+
+    from weightshare import grpc_util
+
+    path = tmp_path / "live.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen()
+    with pytest.raises(grpc_util.AddressInUse, match="another live process"):
+        grpc_util.remove_stale_socket(f"unix://{path}")
+    assert path.exists()
+    listener.close()  # the server died; its file stays behind
+    grpc_util.remove_stale_socket(f"unix://{path}")
+    assert not path.exists()
+    (tmp_path / "plain").write_text("x")
+    with pytest.raises(grpc_util.AddressInUse, match="not a socket"):
+        grpc_util.remove_stale_socket(f"unix://{tmp_path}/plain")
+
+
+def test_overrides_apply_to_one_run_only(tmp_path, tiny_loop):
+    from trainer_side.loop import LoopConfig
+
+    make, _, _, _ = tiny_loop
+    loop = make(LoopConfig(lr=1e-3, batch_wait_s=0.05), ExampleStore(tmp_path))
+    overridden = loop.with_overrides(pb.TrainingOverrides(max_steps=5, learning_rate=0.5))
+    assert (overridden.max_steps, overridden.lr) == (5, 0.5)
+    loop.start(overridden)
+    assert loop.config.max_steps == 5
+    loop.stop(checkpoint=False)
+    loop.start()  # StartTraining {} later: the configured settings again
+    assert loop.config == loop.base_config and loop.config.max_steps == 0 and loop.config.lr == 1e-3
+    loop.stop(checkpoint=False)
+    assert loop.with_overrides(pb.TrainingOverrides()).max_steps == 0

@@ -225,6 +225,11 @@ def test_bad_requests_get_the_right_status_codes(served, tmp_path):
         assert code == grpc.StatusCode.FAILED_PRECONDITION and "UPDATE_MODE_STRICT" in details
         code, details = code_of(stub.SaveCheckpoint, pb.SaveCheckpointRequest(path="relative/dir"))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "'relative/dir'" in details
+        code, details = code_of(stub.StartTraining, pb.StartTrainingRequest(
+            overrides=pb.TrainingOverrides(update_mode=13)))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "update_mode 13" in details
+        code, details = code_of(stub.SaveCheckpoint, pb.SaveCheckpointRequest(path="/tmp/a\x00b"))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "NUL byte" in details
         saved = stub.SaveCheckpoint(pb.SaveCheckpointRequest(path=str(tmp_path / "manual")))
         assert saved.path == str(tmp_path / "manual") and (tmp_path / "manual" / "model.safetensors").is_file()
 

@@ -174,7 +174,8 @@ class TrainingLoop:
         self.store = store
         self.state_dir = Path(state_dir)
         self.model_dir = model_dir
-        self.config = config
+        self.config = config  # the running (or last) run's settings
+        self.base_config = config  # the trainer's configured settings; overrides never change them
         self._open_updates = open_updates
         self._publish = publish
         self.counters = Counters(weights_version=weights_version)
@@ -221,9 +222,9 @@ class TrainingLoop:
         """Starts the loop thread (with `config` replacing the current settings); (already_running, step)."""
         if self.running:
             return True, self.counters.step
-        if config is not None:
-            self.config = config
-            self._configure_fused()
+        # Overrides apply to this run only: a start without them runs with the configured settings.
+        self.config = config if config is not None else self.base_config
+        self._configure_fused()
         self._stop.clear()
         self.error = ""
         self._thread = threading.Thread(target=self._run, name="training-loop", daemon=True)
@@ -248,7 +249,7 @@ class TrainingLoop:
         )
 
     def with_overrides(self, overrides: pb.TrainingOverrides) -> LoopConfig:
-        """The current config with the non-zero fields of `overrides` applied (ValueError if invalid)."""
+        """The configured settings with the non-zero fields of `overrides` applied (ValueError if invalid)."""
         changes = {}
         if overrides.learning_rate:
             changes["lr"] = overrides.learning_rate
@@ -256,9 +257,9 @@ class TrainingLoop:
             changes["max_steps"] = overrides.max_steps
         if overrides.examples_per_step:
             changes["examples_per_step"] = overrides.examples_per_step
-            if self.config.fused_step:  # a fused step is one micro-batch
+            if self.base_config.fused_step:  # a fused step is one micro-batch
                 changes["micro_batch_size"] = overrides.examples_per_step
-        return dataclasses.replace(self.config, **changes)
+        return dataclasses.replace(self.base_config, **changes)
 
     # ---- the loop thread ----
 

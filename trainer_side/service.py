@@ -127,6 +127,11 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
     async def StartTraining(self, request: pb.StartTrainingRequest, context: grpc.aio.ServicerContext):
         overrides = request.overrides
         mode = overrides.update_mode
+        if mode not in export_pb.UpdateMode.values():
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"overrides.update_mode {mode} is not a value of UpdateMode ({sorted(export_pb.UpdateMode.keys())})",
+            )
         if mode and mode != self._server_update_mode:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -169,6 +174,8 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
 
     async def SaveCheckpoint(self, request: pb.SaveCheckpointRequest, context: grpc.aio.ServicerContext):
         path = request.path
+        if "\x00" in path:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"path {path!r} contains a NUL byte")
         if path and not os.path.isabs(path):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"path {path!r} must be absolute")
         if path and os.path.exists(path):

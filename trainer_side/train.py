@@ -149,6 +149,11 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     grpc_util.validate_address(args.inference)
     grpc_util.validate_address(args.grpc)
+    try:
+        grpc_util.remove_stale_socket(args.grpc)
+    except grpc_util.AddressInUse as err:
+        log.error("cannot serve on this address", address=args.grpc, error=str(err))
+        return 2
     from trainer_side.attach import AttachError, attach
     from trainer_side.data import ExampleStore, Renderer
     from trainer_side.hf_model import BindError, build_shared_model

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hmac
 import os
+import socket
+import stat
 from collections.abc import Awaitable, Callable, Iterable
 
 import grpc
@@ -55,12 +57,35 @@ def validate_address(address: str) -> str:
     return address
 
 
+class AddressInUse(RuntimeError):
+    """A live server already listens on the unix socket (or the path is not a socket)."""
+
+
 def remove_stale_socket(address: str) -> None:
-    """A previous server that crashed leaves its socket file behind; binding would fail on it."""
-    if address.startswith("unix://"):
-        path = address[len("unix://"):]
-        if os.path.exists(path):
-            os.unlink(path)
+    """Removes a socket file left by a server that died; refuses one a live server still listens on.
+
+    Taking over a live server's path would leave it running and unreachable (a second `train` on the
+    default address did exactly that).
+    """
+    if not address.startswith("unix://"):
+        return
+    path = address[len("unix://"):]
+    if not os.path.lexists(path):
+        return
+    if not stat.S_ISSOCK(os.lstat(path).st_mode):
+        raise AddressInUse(f"{path} exists and is not a socket: remove it or pass another address")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(2.0)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)  # nobody listens: left by a crash
+            return
+        except OSError as err:
+            raise AddressInUse(f"cannot tell whether {path} is in use ({err}): pass another address") from None
+    raise AddressInUse(
+        f"another live process serves unix://{path}: stop it first, or pass another address (--grpc)"
+    )
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
