@@ -1,8 +1,9 @@
 """`weightshare train`: attach to a served model, train it in place, serve TrainerService until stopped.
 
 Attaches to WeightExportService at --inference, binds an HF model to vLLM's weights (zero-copy), builds
-APOLLO / APOLLO-Mini (AdamW for embeddings, norms and lm_head), resumes optimizer state and the data
-cursor from the newest checkpoint in --state-dir, and serves TrainerService on --grpc. Examples
+APOLLO / APOLLO-Mini (APOLLO-Mini for embeddings and lm_head, AdamW for norms and the rest), resumes
+optimizer state and the data cursor from the newest checkpoint in --state-dir (writing its weights back
+into vLLM if the served ones differ: ahead, behind or torn), and serves TrainerService on --grpc. Examples
 submitted over gRPC are persisted in --state-dir before they are acknowledged, then trained on as they
 arrive (unless --no-autostart: then StartTraining starts the loop). SIGTERM/SIGINT: finish the current
 step, write a checkpoint, detach (a second signal skips the checkpoint).
@@ -62,8 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--other-params", choices=["adamw", "frozen"], default="adamw",
-        help="embeddings, norms, lm_head and other non-projection parameters: train with AdamW or freeze "
-        "(default: %(default)s)",
+        help="norms, conv1d, A_log and the other non-projection parameters (embeddings and lm_head: see "
+        "--embeddings): train with AdamW or freeze (default: %(default)s)",
     )
     parser.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (default: %(default)s)")
     parser.add_argument("--warmup-steps", type=int, default=0, help="linear LR warm-up steps (default: none)")
