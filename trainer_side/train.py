@@ -175,6 +175,13 @@ def run(args: argparse.Namespace) -> int:
     )
     state_dir: Path = args.state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
+    from trainer_side.state_lock import StateDirInUse, lock_state_dir
+
+    try:
+        lock_state_dir(state_dir)  # its descriptor stays open, so the lock is held until this process ends
+    except StateDirInUse as err:
+        log.error("cannot use this state directory", error=str(err))
+        return 2
     try:
         weights = attach(args.inference, token=args.inference_token, trainer_name=args.name)
     except AttachError as err:
