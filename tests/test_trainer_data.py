@@ -59,7 +59,10 @@ def test_chat_mask_covers_assistant_turns_only(renderer):
         (tokens([1, 2, 3], [0, 1]), "loss_mask has 2 entries but input_ids has 3"),
         (tokens([], []), "input_ids is empty"),
         (tokens([1, 2, 3], [1, 0, 0]), "no training target"),
-        (tokens(list(range(65)), [1] * 65), "65 tokens is longer than the trainer's max_seq_len 64"),
+        (tokens(list(range(65)), [1] * 65),
+         ("65 tokens is longer than the trainer's max_seq_len 64: shorten it, "
+          "or restart `weightshare train` with a larger --max-seq-len")),
+        (chat(("user", "hi"), ("assistant", "  ")), "messages[1].content is empty"),
     ],
 )
 def test_invalid_examples_name_field_and_value(renderer, example, message):
@@ -93,6 +96,9 @@ def test_store_persists_and_resumes_at_cursor(tmp_path):
         store.append([example(3), example(1)])
     assert info.value.code_name == "ALREADY_EXISTS"
     assert store.total == 3  # all or nothing
+    with pytest.raises(ExampleError, match=r"examples\[1\].example_id 'e7' appears twice") as info:
+        store.append([example(7), example(7)])
+    assert info.value.code_name == "INVALID_ARGUMENT" and store.total == 3
     store.close()
 
     # A crash mid-append leaves half a line: it was never acknowledged and is dropped on reopen.

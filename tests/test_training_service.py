@@ -204,8 +204,9 @@ def test_bad_requests_get_the_right_status_codes(served, tmp_path):
         assert code == grpc.StatusCode.INVALID_ARGUMENT
         assert "examples[1].tokens.input_ids[1] = 600 is not below the vocabulary size 512" in details
         code, details = submit(pb.Example(tokens=pb.TokenExample(input_ids=[1] * 40, loss_mask=[1] * 40)))
-        assert (code, "40 tokens is longer than the trainer's max_seq_len 32") == (
-            grpc.StatusCode.INVALID_ARGUMENT, details.removeprefix("examples[0]: "))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert details.startswith("examples[0]: 40 tokens is longer than the trainer's max_seq_len 32")
+        assert "--max-seq-len" in details
         code, details = submit(*[chat_example("hi", "yes")] * 1025)
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "1025 examples" in details
         code, details = submit(pb.Example(example_id="a", chat=pb.ChatExample(messages=[

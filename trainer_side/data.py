@@ -91,7 +91,8 @@ class Renderer:
             raise ExampleError(f"{where}: content is not set: give either chat or tokens")
         if len(ids) > self.max_seq_len:
             raise ExampleError(
-                f"{where}: {len(ids)} tokens is longer than the trainer's max_seq_len {self.max_seq_len}"
+                f"{where}: {len(ids)} tokens is longer than the trainer's max_seq_len {self.max_seq_len}: "
+                "shorten it, or restart `weightshare train` with a larger --max-seq-len"
             )
         result = TokenizedExample(example_id, tuple(ids), tuple(mask))
         if result.target_tokens == 0:
@@ -125,6 +126,11 @@ class Renderer:
         assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         if not assistant_turns:
             raise ExampleError(f"{where}.chat.messages has no assistant turn: nothing to train on")
+        for i in assistant_turns:
+            if not messages[i]["content"].strip():
+                raise ExampleError(
+                    f"{where}.chat.messages[{i}].content is empty: an assistant turn must say what to learn"
+                )
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise ExampleError(
                 f"{where}.chat: the served model's tokenizer has no chat template: submit tokens instead",
@@ -190,8 +196,10 @@ class ExampleStore:
         """Persists `examples` (all or none) and returns how many are pending afterwards."""
         with self._lock:
             seen = set()
-            for e in examples:
-                if e.example_id in self._ids or e.example_id in seen:
+            for i, e in enumerate(examples):
+                if e.example_id in seen:
+                    raise ExampleError(f"examples[{i}].example_id {e.example_id!r} appears twice in this request")
+                if e.example_id in self._ids:
                     raise ExampleError(f"example_id {e.example_id!r} was already submitted", "ALREADY_EXISTS")
                 seen.add(e.example_id)
             self._file.write("".join(e.to_json() + "\n" for e in examples).encode())
