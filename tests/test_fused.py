@@ -99,6 +99,8 @@ def test_a_trainable_parameter_outside_the_optimizer_is_refused(tiny_model_path)
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path("llama", "float32"), dtype=torch.float32)
-    opt = torch.optim.SGD([model.lm_head.weight], lr=0.1)
+    from trainer_side.apollo import Apollo
+
+    opt = Apollo([model.lm_head.weight], lr=0.1)  # FusedUpdates takes Apollo (its hooks)
     with pytest.raises(ValueError, match="in no param group"):
         FusedUpdates(opt, dict(model.named_parameters()))

@@ -221,7 +221,11 @@ class Apollo(torch.optim.Optimizer):
             if isinstance(v, Tensor)
         )
 
-    def attach_backward_hooks(self, model_or_params: nn.Module | Iterable[Tensor]) -> list[RemovableHandle]:
+    def attach_backward_hooks(
+        self,
+        model_or_params: nn.Module | Iterable[Tensor] | dict[str, Tensor],
+        guard: Callable[[str, Tensor], bool] | None = None,
+    ) -> list[RemovableHandle]:
         """Apply each parameter's update as soon as its gradient is complete, then free that gradient.
 
         Uses `register_post_accumulate_grad_hook`, so at most a few full gradients exist at any time
@@ -231,12 +235,16 @@ class Apollo(torch.optim.Optimizer):
         NOTE: only valid without gradient accumulation over micro-batches and without gradient
         clipping by global norm: each update uses the gradient of this one backward pass as is.
 
-        Every parameter of `model_or_params` that requires grad must be in this optimizer (else
-        ValueError naming it: its gradient would be neither applied nor freed). Returns the hook
+        Every parameter of `model_or_params` (a module, a name -> parameter dict, or parameters) that
+        requires grad must be in this optimizer (else ValueError naming it: its gradient would be
+        neither applied nor freed). `guard(name, param)`, if given, runs first in each hook; when it
+        returns False that update is skipped (the gradient is freed all the same). Returns the hook
         handles; `handle.remove()` detaches them.
         """
         if isinstance(model_or_params, nn.Module):
             named = list(model_or_params.named_parameters())
+        elif isinstance(model_or_params, dict):
+            named = list(model_or_params.items())
         else:
             named = [(f"params[{i}]", p) for i, p in enumerate(model_or_params)]
         group_of = {p: i for i, group in enumerate(self.param_groups) for p in group["params"]}
@@ -250,14 +258,17 @@ class Apollo(torch.optim.Optimizer):
                     f"parameter {name!r} (shape {tuple(p.shape)}) requires grad but is in no param group "
                     "of this optimizer: freeze it (requires_grad_(False)) or add it to a group"
                 )
-            handles.append(p.register_post_accumulate_grad_hook(self._backward_hook(group_of[p])))
+            handles.append(p.register_post_accumulate_grad_hook(self._backward_hook(name, group_of[p], guard)))
         return handles
 
-    def _backward_hook(self, group_index: int) -> Callable[[Tensor], None]:
+    def _backward_hook(
+        self, name: str, group_index: int, guard: Callable[[str, Tensor], bool] | None
+    ) -> Callable[[Tensor], None]:
         # The group is looked up at call time: load_state_dict replaces the group dicts.
         def hook(p: Tensor) -> None:
-            with torch.no_grad():
-                self._update(p, self.param_groups[group_index])
+            if guard is None or guard(name, p):
+                with torch.no_grad():
+                    self._update(p, self.param_groups[group_index])
             p.grad = None
 
         return hook

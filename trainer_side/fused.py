@@ -12,7 +12,8 @@ skipped and counted), and the loss is checked before backward starts, so a non-f
 nothing. In strict mode the update protocol's pause must span the whole backward.
 
 Tied parameters (one Parameter under two names) get one hook: autograd sums both uses before the
-hook fires. Relies on torch and `Apollo._update`. Tests: tests/test_fused.py.
+hook fires. The hooks are `Apollo.attach_backward_hooks` with a finiteness guard. Relies on torch.
+Tests: tests/test_fused.py.
 """
 
 from __future__ import annotations
@@ -31,19 +32,7 @@ class FusedUpdates:
         self.skipped: list[str] = []  # names whose gradient was not finite in the last backward
         self.updated = 0
         self._grad_sq: Tensor | None = None
-        group_of = {p: i for i, group in enumerate(optimizer.param_groups) for p in group["params"]}
-        self._handles = []
-        seen: set[int] = set()
-        for name, p in params_by_name.items():
-            if not p.requires_grad or id(p) in seen:
-                continue
-            seen.add(id(p))
-            if p not in group_of:
-                raise ValueError(
-                    f"parameter {name!r} requires grad but is in no param group of the optimizer: freeze it "
-                    "or add it to a group (in a fused step its gradient would be neither applied nor freed)"
-                )
-            self._handles.append(p.register_post_accumulate_grad_hook(self._hook(name, group_of[p])))
+        self._handles = optimizer.attach_backward_hooks(params_by_name, guard=self._finite)
 
     def reset(self) -> None:
         self.skipped, self.updated = [], 0
@@ -54,22 +43,17 @@ class FusedUpdates:
         """Global L2 norm of the finite gradients of the last backward."""
         return float(self._grad_sq.sqrt()) if self._grad_sq is not None else 0.0
 
-    def _hook(self, name: str, group_index: int):
-        def hook(p: Tensor) -> None:
-            grad = p.grad
-            norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
-            # One host sync per parameter: the price of never writing a non-finite update.
-            if torch.isfinite(norm).item():
-                with torch.no_grad():
-                    self.optimizer._update(p, self.optimizer.param_groups[group_index])
-                sq = norm.square()
-                self._grad_sq = sq if self._grad_sq is None else self._grad_sq + sq
-                self.updated += 1
-            else:
-                self.skipped.append(name)
-            p.grad = None
-
-        return hook
+    def _finite(self, name: str, p: Tensor) -> bool:
+        """Counts the gradient's norm and allows the update only if it is finite."""
+        norm = torch.linalg.vector_norm(p.grad, dtype=torch.float32)
+        # One host sync per parameter: the price of never writing a non-finite update.
+        if not torch.isfinite(norm).item():
+            self.skipped.append(name)
+            return False
+        sq = norm.square()
+        self._grad_sq = sq if self._grad_sq is None else self._grad_sq + sq
+        self.updated += 1
+        return True
 
     def remove(self) -> None:
         for handle in self._handles:
