@@ -39,7 +39,7 @@ async def start_export_server(engine, address: str, token: str | None, mode: int
     describes = await engine.collective_rpc("weightshare_describe")
     coordinator = UpdateCoordinator(engine, mode)
     servicer = WeightExportServicer(engine, coordinator, describes)
-    server, bound = await grpc_util.start_server(
+    server, bound, _health = await grpc_util.start_server(
         pb_grpc.add_WeightExportServiceServicer_to_server, servicer, SERVICE_NAME, address, token
     )
     log.info(

@@ -19,6 +19,7 @@ from pathlib import Path
 import structlog
 
 from weightshare import grpc_util
+from weightshare.errors import UsageError
 from weightshare.logs import configure_logging
 from weightshare.v1 import weight_export_service_pb2 as pb
 
@@ -79,14 +80,28 @@ def _apply_cpu_defaults(args: argparse.Namespace) -> bool:
     return True
 
 
+def check_model_argument(model: str) -> None:
+    """Refuses a model that is neither a local directory nor a hub id this machine could fetch."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UsageError(f"model directory {model} has no config.json: pass a Hugging Face model directory")
+        return
+    if path.exists():
+        raise UsageError(f"model {model} is a file: pass a model directory (with config.json) or a hub id")
+    looks_like_path = model.startswith(("/", ".", "~")) or model.count("/") > 1 or not model.strip()
+    if looks_like_path:
+        raise UsageError(f"model directory {model} does not exist: check the path "
+                         "(`weightshare make-tiny-model DIR` builds a small one)")
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise UsageError(f"model {model} is not a local directory and HF_HUB_OFFLINE is set: download it first "
+                         "or pass a model directory")
+
+
 def run(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
-    grpc_util.validate_address(args.grpc)
-    try:
-        grpc_util.remove_stale_socket(args.grpc)
-    except grpc_util.AddressInUse as err:
-        log.error("cannot serve on this address", address=args.grpc, error=str(err))
-        return 2
+    check_model_argument(args.model)
+    grpc_util.ensure_can_listen(args.grpc)
     host = args.grpc.rpartition(":")[0].strip("[]")
     if not args.grpc.startswith("unix://") and host not in ("127.0.0.1", "localhost", "::1") and not args.token:
         log.warning("weight export reachable beyond this host without a token: pass --token", address=args.grpc)
@@ -106,6 +121,8 @@ def run(args: argparse.Namespace) -> int:
         ["--model", args.model, "--worker-extension-cls", WORKER_EXTENSION, *args.extra_args]
     )
     validate_parsed_serve_args(vllm_args)
+    if getattr(vllm_args, "uds", None) is None:  # vLLM's HTTP port: refuse now, not after loading the model
+        grpc_util.ensure_can_listen(f"{vllm_args.host or '0.0.0.0'}:{vllm_args.port}", flag="--port")
     mode = pb.UPDATE_MODE_STRICT if args.update_mode == "strict" else pb.UPDATE_MODE_CONCURRENT
     original_build = api_server.build_async_engine_client
 

@@ -8,7 +8,7 @@ once at start; handles through `collective_rpc("weightshare_export_handles")` on
 from __future__ import annotations
 
 import asyncio
-import os
+import collections
 import time
 import uuid
 from dataclasses import dataclass
@@ -32,6 +32,26 @@ class _Session:
     trainer_name: str
     pid: int
     attached_at: float
+    read_only: bool = False
+    start_ticks: int | None = None  # the process's start time, so a reused pid does not look alive
+
+    def process_alive(self) -> bool:
+        ticks = _start_ticks(self.pid)
+        return ticks not in (None, -1) and (self.start_ticks is None or ticks == self.start_ticks)
+
+    def describe(self, now: float) -> str:
+        return (f"trainer {self.trainer_name!r} (pid {self.pid}, session {self.session_id}, attached "
+                f"{now - self.attached_at:.0f} s ago)")
+
+
+def _start_ticks(pid: int) -> int | None:
+    """Start time of a live process (clock ticks since boot); -1 for a zombie, None if there is none."""
+    try:
+        stat = open(f"/proc/{pid}/stat").read()  # noqa: SIM115 (one read of a tiny proc file)
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2 :].split()  # the name in parentheses may contain spaces
+    return -1 if fields[0] in ("Z", "X") else int(fields[19])
 
 
 class WeightExportServicer(pb_grpc.WeightExportServiceServicer):
@@ -43,6 +63,8 @@ class WeightExportServicer(pb_grpc.WeightExportServiceServicer):
         self._handles: list[pb.StreamHandlesResponse] | None = None
         self._handles_lock = asyncio.Lock()
         self._sessions: dict[str, _Session] = {}
+        # Sessions ended by a take-over -> who took over, so the loser hears why (bounded).
+        self._taken_over: collections.OrderedDict[str, str] = collections.OrderedDict()
         self.instance_id = self._infos[0].identity.instance_id
         self.host_id = shm.host_id()
 
@@ -58,6 +80,12 @@ class WeightExportServicer(pb_grpc.WeightExportServiceServicer):
         if not session_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_id is empty: call AttachTrainer first")
         session = self._sessions.get(session_id)
+        if session is None and session_id in self._taken_over:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"session_id {session_id!r} lost the writer lease: {self._taken_over[session_id]} took over; "
+                "this trainer no longer writes these weights (attach with take_over to take them back)",
+            )
         if session is None:
             await context.abort(
                 grpc.StatusCode.NOT_FOUND,
@@ -74,7 +102,7 @@ class WeightExportServicer(pb_grpc.WeightExportServiceServicer):
 
     def _prune_dead_sessions(self) -> None:
         for session in list(self._sessions.values()):
-            if session.pid and not os.path.exists(f"/proc/{session.pid}"):
+            if session.pid and not session.process_alive():
                 del self._sessions[session.session_id]
                 self._coordinator.record_event(
                     "trainer_gone", f"trainer {session.trainer_name!r} (pid {session.pid}) exited without detaching"
@@ -139,11 +167,41 @@ class WeightExportServicer(pb_grpc.WeightExportServiceServicer):
                 f"expected_instance_id {request.expected_instance_id!r} is stale: the inference side restarted "
                 f"(now {self.instance_id}); drop old handles and attach afresh",
             )
+        if request.read_only and request.take_over:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "read_only and take_over are both set: a reader takes no lease"
+            )
         self._prune_dead_sessions()
-        session = _Session(uuid.uuid4().hex, request.trainer_name, request.pid, time.monotonic())
+        session = _Session(uuid.uuid4().hex, request.trainer_name, request.pid, time.monotonic(), request.read_only,
+                           _start_ticks(request.pid) if request.pid else None)
+        if not session.read_only:
+            await self._acquire_writer_lease(session, request.take_over, context)
         self._sessions[session.session_id] = session
-        log.info("trainer attached", trainer=request.trainer_name, pid=request.pid, session=session.session_id)
+        log.info("trainer attached", trainer=request.trainer_name, pid=request.pid, session=session.session_id,
+                 read_only=session.read_only)
         return pb.AttachTrainerResponse(session_id=session.session_id, identity=self._identity())
+
+    async def _acquire_writer_lease(self, session: _Session, take_over: bool, context) -> None:
+        """One writer per served model: refuse a second one naming the holder, or end the holder's session."""
+        holder = next((s for s in self._sessions.values() if not s.read_only), None)
+        if holder is None:
+            return
+        now = time.monotonic()
+        if not take_over:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{holder.describe(now)} holds the writer lease of this model: stop it first, attach read_only to "
+                "only read, or take over (`weightshare train --take-over`, AttachTrainerRequest.take_over), which "
+                "ends its session",
+            )
+        await self._coordinator.abandon(holder.session_id, f"writer lease taken over by {session.trainer_name!r}")
+        del self._sessions[holder.session_id]
+        self._taken_over[holder.session_id] = session.describe(now)
+        while len(self._taken_over) > 100:
+            self._taken_over.popitem(last=False)
+        self._coordinator.record_event(
+            "writer_taken_over", f"{session.describe(now)} took the writer lease from {holder.describe(now)}"
+        )
 
     async def DetachTrainer(self, request, context):
         session = await self._check_session(request.session_id, context)
@@ -161,7 +219,12 @@ class WeightExportServicer(pb_grpc.WeightExportServiceServicer):
                         grpc.StatusCode.INVALID_ARGUMENT,
                         f"session_id {request.session_id!r} differs from this stream's {session_id!r}",
                     )
-                await self._check_session(request.session_id, context)
+                session = await self._check_session(request.session_id, context)
+                if session.read_only:
+                    await context.abort(
+                        grpc.StatusCode.PERMISSION_DENIED,
+                        f"session_id {session.session_id!r} attached read_only: attach without it to write",
+                    )
                 session_id = request.session_id
                 response = await self._apply(request, context)
                 if request.WhichOneof("action") == "begin":
@@ -205,7 +268,7 @@ class WeightExportServicer(pb_grpc.WeightExportServiceServicer):
             trainers=[
                 pb.AttachedTrainer(
                     session_id=s.session_id, trainer_name=s.trainer_name, pid=s.pid,
-                    attached_seconds=now - s.attached_at,
+                    attached_seconds=now - s.attached_at, read_only=s.read_only,
                 )
                 for s in self._sessions.values()
             ],

@@ -1,7 +1,9 @@
 """Fast unit tests of the trainer's data path and loop, no vLLM: validation, masks, the store, checkpoints.
 
 - `Renderer`: chat rendering with the tiny models' chat template, loss only on assistant turns, every
-  validation error naming its field and value, and the gRPC code it maps to.
+  validation error naming its field and value, and the gRPC code it maps to; oversized chats refused
+  before any (or after one) render; the offsets-based mask equal to tokenizing every prefix (tiny
+  WordLevel and a byte-level BPE trained in the test, with and without offsets).
 - `ExampleStore`: fsync'd append, cursor, reopen after a crash (partial last line dropped), duplicates.
 - `TrainingLoop` on a tiny in-process llama with a recording stand-in for the update stream: begin ->
   step -> commit per step, non-finite steps skipped without begin, checkpoint + restore of the cursor.
@@ -302,3 +304,154 @@ def test_overrides_apply_to_one_run_only(tmp_path, tiny_loop):
     assert loop.config == loop.base_config and loop.config.max_steps == 0 and loop.config.lr == 1e-3
     loop.stop(checkpoint=False)
     assert loop.with_overrides(pb.TrainingOverrides()).max_steps == 0
+
+
+# --- Chat rendering is bounded before it is done, and its mask is the prefix-tokenization mask ---
+
+
+def prefix_tokenization_reference(renderer: Renderer, example: pb.Example) -> tuple[tuple[int, ...], tuple[bool, ...]]:
+    """The mask as it was first computed: every assistant turn's prefixes rendered and tokenized."""
+    messages = [{"role": m.role, "content": m.content} for m in example.chat.messages]
+
+    def tokens(prefix: list[dict], add_generation_prompt: bool) -> list[int]:
+        if not prefix:
+            return []
+        text = renderer.tokenizer.apply_chat_template(prefix, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
+        return list(renderer.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    ids = tokens(messages, False)
+    mask = [False] * len(ids)
+    for turn in [i for i, m in enumerate(messages) if m["role"] == "assistant"]:
+        start = len(tokens(messages[:turn], True)) if turn else 0
+        upto = tokens(messages[: turn + 1], False)
+        assert ids[: len(upto)] == upto and start <= len(upto), "not a prefix: the reference refuses it"
+        for i in range(start, len(upto)):
+            mask[i] = True
+    return tuple(ids), tuple(mask)
+
+
+def byte_level_bpe_tokenizer():
+    """A GPT-2-style byte-level BPE trained here on a few words, whose post-processor trims the leading
+    space off a token's offsets, with a template whose generation prompt ends in a space: the prompt
+    then ends inside the " word" token that follows it, which trimmed offsets would hide."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(["user: hello there, the sun is a star. assistant: the green house"] * 20, trainer)
+    backend.post_processor = processors.ByteLevel(trim_offsets=True)
+    template = (
+        "{%- for message in messages -%}"
+        "{{ '<|im_start|>' + message['role'] + ': ' + message['content'] + '<|im_end|>\\n' }}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant: ' }}{%- endif -%}"
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", chat_template=template)
+
+
+CONVERSATIONS = {
+    "system_user_assistant": chat(("system", "you are a cat"), ("user", "hello"), ("assistant", "green house")),
+    "assistant_first": chat(("assistant", "hello there"), ("user", "why"), ("assistant", "the sun")),
+    "multi_turn": chat(("system", "be brief"), *[t for i in range(8) for t in (
+        ("user", f"question {i} please"), ("assistant", f"answer {i}: the sun is a star"))]),
+    "unicode": chat(("user", "héllo wörld, 日本語は? 🐱🐶"), ("assistant", "ça va — naïve café ✓ 🌞"),
+                    ("user", "Ω≈ç√"), ("assistant", "ok 👍🏽 done")),
+    "whitespace": chat(("user", "  two  spaces\n\nand newlines\t"), ("assistant", " leading space"),
+                       ("user", "\n"), ("assistant", "trailing   \n")),
+    "long_content": chat(("user", "tell story " * 60), ("assistant", "once upon a time " * 80),
+                         ("user", "more"), ("assistant", "the end " * 40)),
+}
+
+
+@pytest.fixture(scope="module", params=["word_level", "byte_level_bpe"])
+def any_tokenizer(request):
+    return build_tokenizer() if request.param == "word_level" else byte_level_bpe_tokenizer()
+
+
+@pytest.mark.parametrize("name", sorted(CONVERSATIONS))
+@pytest.mark.parametrize("offsets", [True, False], ids=["offsets", "no_offsets"])
+def test_chat_mask_equals_prefix_tokenization(any_tokenizer, name, offsets):
+    renderer = Renderer(any_tokenizer, VOCAB_SIZE, max_seq_len=2048)
+    if not offsets:  # a slow tokenizer: every prefix is tokenized
+        renderer._offsets_tokenizer = None
+    example = CONVERSATIONS[name]
+    rendered = renderer.render(example)
+    assert (rendered.input_ids, rendered.loss_mask) == prefix_tokenization_reference(renderer, example)
+
+
+def test_chat_mask_tokenizes_only_the_whole_conversation(monkeypatch):
+    renderer = Renderer(build_tokenizer(), VOCAB_SIZE, max_seq_len=2048)
+    tokenized = []
+    tokenize = renderer._tokenize
+    monkeypatch.setattr(renderer, "_tokenize", lambda text: tokenized.append(text) or tokenize(text))
+    example = CONVERSATIONS["multi_turn"]
+    rendered = renderer.render(example)
+    assert len(tokenized) == 1  # the prefixes' token counts come from the offsets
+    assert (rendered.input_ids, rendered.loss_mask) == prefix_tokenization_reference(renderer, example)
+
+
+def test_large_valid_multi_turn_chat_equals_prefix_tokenization(any_tokenizer):
+    renderer = Renderer(any_tokenizer, VOCAB_SIZE, max_seq_len=8192)
+    example = chat(("system", "you are a cat"), *[t for i in range(100) for t in (
+        ("user", f"hello {i}, why is the sky blue?"), ("assistant", f"the sun {i} — a big star ✓"))])
+    rendered = renderer.render(example)
+    assert len(rendered.input_ids) > 1000
+    assert (rendered.input_ids, rendered.loss_mask) == prefix_tokenization_reference(renderer, example)
+
+
+def counting_renderer(monkeypatch, max_seq_len: int) -> tuple[Renderer, list]:
+    tokenizer = build_tokenizer()
+    renders = []
+    apply = tokenizer.apply_chat_template
+    monkeypatch.setattr(tokenizer, "apply_chat_template", lambda *a, **k: renders.append(a) or apply(*a, **k))
+    return Renderer(tokenizer, VOCAB_SIZE, max_seq_len), renders
+
+
+def test_thousands_of_turns_are_refused_before_rendering(monkeypatch):
+    renderer, renders = counting_renderer(monkeypatch, max_seq_len=2048)
+    example = chat(("user", "hi"), *[("assistant", "a")] * 3000)
+    with pytest.raises(ExampleError) as info:
+        renderer.render(example)
+    assert info.value.code_name == "INVALID_ARGUMENT"
+    assert str(info.value) == (
+        "examples[0].chat.messages has 3001 messages, more than the trainer's max_seq_len 2048 tokens can hold: "
+        "shorten it, or restart `weightshare train` with a larger --max-seq-len")
+    assert renders == []
+
+
+def test_too_many_tokens_is_refused_after_one_render(monkeypatch):
+    renderer, renders = counting_renderer(monkeypatch, max_seq_len=64)
+    example = chat(*[t for _ in range(10) for t in (("user", "hello there"), ("assistant", "the sun"))])
+    with pytest.raises(ExampleError) as info:
+        renderer.render(example)
+    assert info.value.code_name == "INVALID_ARGUMENT"
+    assert str(info.value).startswith("examples[0]: 100 tokens is longer than the trainer's max_seq_len 64: ")
+    assert str(info.value).endswith("restart `weightshare train` with a larger --max-seq-len")
+    assert len(renders) == 1  # the whole conversation, no prefix
+
+
+def test_too_many_characters_are_refused_before_rendering(monkeypatch):
+    renderer, renders = counting_renderer(monkeypatch, max_seq_len=64)
+    with pytest.raises(ExampleError, match=r"examples\[0\].chat.messages hold 4097 characters of content, more than "
+                       r"64 a token of the trainer's max_seq_len 64 \(4096\): .* --max-seq-len") as info:
+        renderer.render(chat(("user", "x" * 4000), ("assistant", "y" * 97)))
+    assert info.value.code_name == "INVALID_ARGUMENT" and renders == []
+    assert renderer.render(chat(("user", "x" * 4000), ("assistant", "y" * 96))).target_tokens == 2  # <unk>, end
+
+
+@pytest.mark.parametrize("offsets", [True, False], ids=["offsets", "no_offsets"])
+def test_template_that_rewrites_earlier_turns_is_a_failed_precondition(offsets):
+    tokenizer = build_tokenizer()
+    # Prefixes every conversation with its length: messages[:i] is not a prefix of the whole.
+    tokenizer.chat_template = "{{ messages | length | string }} " + tokenizer.chat_template
+    renderer = Renderer(tokenizer, VOCAB_SIZE, 64)
+    if not offsets:
+        renderer._offsets_tokenizer = None
+    with pytest.raises(ExampleError, match=r"does not render messages\[:2\] as a prefix") as info:
+        renderer.render(chat(("user", "hi"), ("assistant", "yes"), ("user", "why"), ("assistant", "no")))
+    assert info.value.code_name == "FAILED_PRECONDITION"

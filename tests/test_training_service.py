@@ -165,7 +165,7 @@ def test_kill_9_and_restart_loses_nothing(served, tmp_path):
         from trainer_side.attach import attach
 
         on_disk = checkpoint_tensors(checkpoint)
-        with attach(served.grpc_address, trainer_name="inspector") as weights:
+        with attach(served.grpc_address, trainer_name="inspector", read_only=True) as weights:
             for name in ("lm_head.weight", "model.layers.0.linear_attn.conv1d.weight", "model.norm.weight"):
                 assert torch.equal(weights.hf_tensor(name), on_disk[name].to(weights.hf_tensor(name).dtype)), name
             export = weights.stub.GetExportStatus(export_pb.GetExportStatusRequest())

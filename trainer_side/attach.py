@@ -67,9 +67,12 @@ class AttachedWeights:
 
         return UpdateStream(self.stub, self.session_id, self.metadata)
 
-    def close(self) -> None:
+    def close(self, detach: bool = True) -> None:
+        """Detaches (unless the session is already gone, e.g. the inference side restarted) and lets go of
+        the handles; memory still referenced by bound parameters stays mapped until they move."""
         try:
-            self.stub.DetachTrainer(pb.DetachTrainerRequest(session_id=self.session_id), metadata=self.metadata)
+            if detach:
+                self.stub.DetachTrainer(pb.DetachTrainerRequest(session_id=self.session_id), metadata=self.metadata)
         except grpc.RpcError as err:  # the inference side may already be gone; nothing else to release
             log.warning("detach failed", code=err.code().name, details=err.details())
         self.engine_tensors.clear()
@@ -95,8 +98,10 @@ def _detach_quietly(stub, attached, metadata) -> None:
 
 def attach(
     address: str, *, token: str | None = None, trainer_name: str = "trainer", tp_rank: int = 0,
-    batch_size: int = 0, expected_instance_id: str = "",
+    batch_size: int = 0, expected_instance_id: str = "", read_only: bool = False, take_over: bool = False,
 ) -> AttachedWeights:
+    """Opens this rank's served weights. A writer (the default) takes the model's writer lease, which one
+    trainer holds at a time (`take_over` ends the holder's session); `read_only` sessions only read."""
     t0 = time.perf_counter()
     channel = grpc_util.open_sync_channel(address)
     stub = pb_grpc.WeightExportServiceStub(channel)
@@ -117,7 +122,7 @@ def attach(
         attached = stub.AttachTrainer(
             pb.AttachTrainerRequest(
                 trainer_name=trainer_name, host_id=shm.host_id(), pid=os.getpid(),
-                expected_instance_id=expected_instance_id,
+                expected_instance_id=expected_instance_id, read_only=read_only, take_over=take_over,
             ),
             metadata=metadata,
         )
@@ -140,6 +145,11 @@ def attach(
     except grpc.RpcError as err:
         _detach_quietly(stub, attached, metadata)
         channel.close()
+        if err.code() == grpc.StatusCode.UNAVAILABLE:
+            raise AttachError(
+                f"nothing answers at {address} ({err.details()}): start the inference side first "
+                f"(`weightshare serve MODEL --grpc {address}`) or pass its address (--inference)"
+            ) from None
         raise AttachError(f"{address}: {err.code().name}: {err.details()}") from None
     except (AttachError, HandleError):
         _detach_quietly(stub, attached, metadata)

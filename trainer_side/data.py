@@ -3,9 +3,13 @@
 - `Renderer` turns a `weightshare.v1.Example` into a `TokenizedExample`. Chat examples are rendered with
   the served model's tokenizer and chat template; the loss mask covers assistant turns only, found by
   rendering prefixes: the tokens of assistant turn i are those of `messages[:i+1]` past those of
-  `messages[:i]` + the generation prompt. Token examples are taken as given. Every problem raises
-  `ExampleError` naming the field and the value (the service turns it into INVALID_ARGUMENT or
-  FAILED_PRECONDITION).
+  `messages[:i]` + the generation prompt. Work is bounded before it is done: the message count and the
+  characters are checked first, then the whole conversation is rendered and tokenized once and checked
+  against max_seq_len, and only then are the prefixes rendered, as text only: a prefix's token count is
+  read off the whole conversation's token offsets (a prefix is tokenized on its own only where its end
+  falls inside a token or the tokenizer gives no offsets). Token examples are taken as given. Every
+  problem raises `ExampleError` naming the field and the value (the service turns it into
+  INVALID_ARGUMENT or FAILED_PRECONDITION).
 - `ExampleStore` is an append-only JSONL file in the trainer's state dir. `append` writes and fsyncs
   before it returns, so an acknowledged example survives a crash. Examples are consumed in order; the
   number consumed (the cursor) is saved with each checkpoint, so a restart resumes at that cursor and
@@ -17,6 +21,8 @@ tests/test_trainer_data.py -q
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import os
 import threading
@@ -31,6 +37,11 @@ from weightshare.v1 import trainer_service_pb2 as pb
 log = structlog.get_logger(__name__)
 ROLES = ("system", "user", "assistant")
 STORE_FILE = "examples.jsonl"
+# No tokenizer has a sound characters-per-token bound (a WordLevel or BPE model may map any run of
+# unknown characters to one token), so this is a generous cap, not a proof: real tokenizers average
+# 3-5 characters a token and their longest tokens (whitespace, "====" runs) are tens of characters, so a
+# conversation averaging more than 64 a token is refused before its template is rendered.
+MAX_CHARS_PER_TOKEN = 64
 
 
 class ExampleError(ValueError):
@@ -77,6 +88,7 @@ class Renderer:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_seq_len = max_seq_len
+        self._offsets_tokenizer = _offsets_tokenizer(tokenizer)
 
     def render(self, example: pb.Example, index: int = 0) -> TokenizedExample:
         """Tokens and loss mask of `example` (`examples[index]` of a request, for error messages)."""
@@ -90,10 +102,7 @@ class Renderer:
         else:
             raise ExampleError(f"{where}: content is not set: give either chat or tokens")
         if len(ids) > self.max_seq_len:
-            raise ExampleError(
-                f"{where}: {len(ids)} tokens is longer than the trainer's max_seq_len {self.max_seq_len}: "
-                "shorten it, or restart `weightshare train` with a larger --max-seq-len"
-            )
+            raise self._too_long(where, len(ids))
         result = TokenizedExample(example_id, tuple(ids), tuple(mask))
         if result.target_tokens == 0:
             raise ExampleError(f"{where}: no training target: the loss mask is false past the first token")
@@ -114,10 +123,24 @@ class Renderer:
                 )
         return ids, mask
 
+    def _too_long(self, where: str, tokens: int) -> ExampleError:
+        return ExampleError(
+            f"{where}: {tokens} tokens is longer than the trainer's max_seq_len {self.max_seq_len}: "
+            "shorten it, or restart `weightshare train` with a larger --max-seq-len"
+        )
+
     def _render_chat(self, chat: pb.ChatExample, where: str) -> tuple[list[int], list[bool]]:
-        messages = [{"role": m.role, "content": m.content} for m in chat.messages]
-        if not messages:
+        if not chat.messages:
             raise ExampleError(f"{where}.chat.messages is empty")
+        # Cheap bounds before any rendering. Every chat template wraps each message in at least a role
+        # marker or a separator, so each message renders to at least one token.
+        if len(chat.messages) > self.max_seq_len:
+            raise ExampleError(
+                f"{where}.chat.messages has {len(chat.messages)} messages, more than the trainer's max_seq_len "
+                f"{self.max_seq_len} tokens can hold: shorten it, or restart `weightshare train` with a larger "
+                "--max-seq-len"
+            )
+        messages = [{"role": m.role, "content": m.content} for m in chat.messages]
         for i, message in enumerate(messages):
             if message["role"] not in ROLES:
                 raise ExampleError(
@@ -131,36 +154,106 @@ class Renderer:
                 raise ExampleError(
                     f"{where}.chat.messages[{i}].content is empty: an assistant turn must say what to learn"
                 )
+        chars = sum(len(m["content"]) for m in messages)
+        if chars > MAX_CHARS_PER_TOKEN * self.max_seq_len:
+            raise ExampleError(
+                f"{where}.chat.messages hold {chars} characters of content, more than {MAX_CHARS_PER_TOKEN} a token "
+                f"of the trainer's max_seq_len {self.max_seq_len} ({MAX_CHARS_PER_TOKEN * self.max_seq_len}): "
+                "shorten it, or restart `weightshare train` with a larger --max-seq-len"
+            )
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise ExampleError(
                 f"{where}.chat: the served model's tokenizer has no chat template: submit tokens instead",
                 code_name="FAILED_PRECONDITION",
             )
-        ids = self._tokens(messages, add_generation_prompt=False)
+        # One render of the whole conversation, checked against max_seq_len before any prefix is rendered.
+        text = self._text(messages, add_generation_prompt=False)
+        ids = self._tokenize(text)
+        if len(ids) > self.max_seq_len:
+            raise self._too_long(where, len(ids))
+        offsets = self._offsets(text, ids)
         mask = [False] * len(ids)
         for turn in assistant_turns:
-            start = len(self._tokens(messages[:turn], add_generation_prompt=True)) if turn else 0
-            upto = self._tokens(messages[: turn + 1], add_generation_prompt=False)
+            start = self._prefix_tokens(messages[:turn], True, text, ids, offsets)[0] if turn else 0
+            end, is_prefix = self._prefix_tokens(messages[: turn + 1], False, text, ids, offsets)
             # Rendering prefixes is only valid if the template renders a conversation as the
             # concatenation of its turns; a template that rewrites earlier turns breaks this.
-            if ids[: len(upto)] != upto or start > len(upto):
+            if not is_prefix or start > end:
                 raise ExampleError(
                     f"{where}.chat: the chat template does not render messages[:{turn + 1}] as a prefix of the "
                     "whole conversation, so assistant tokens cannot be located: submit tokens instead",
                     code_name="FAILED_PRECONDITION",
                 )
-            for i in range(start, len(upto)):
+            for i in range(start, end):
                 mask[i] = True
         return ids, mask
 
-    def _tokens(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    def _prefix_tokens(
+        self, messages: list[dict], add_generation_prompt: bool, text: str, ids: list[int],
+        offsets: tuple[list[int], list[int]] | None,
+    ) -> tuple[int, bool]:
+        """(len(tokens of `messages` rendered), whether those tokens are a prefix of `ids`), where `ids`
+        are the tokens of the whole conversation `text`.
+
+        Where the rendered prefix is a prefix of `text` and ends between two of its tokens (per
+        `offsets`), it tokenizes to exactly the tokens before that point: tokenizers split their input
+        at added tokens, pre-tokenize with patterns that match the same way up to a pre-token boundary,
+        and BPE, WordPiece and WordLevel models never merge across a boundary that the whole text's
+        tokens do not cross. Elsewhere the prefix is tokenized, as it was before offsets were used.
+        """
+        prefix = self._text(messages, add_generation_prompt)
+        if offsets is not None and text.startswith(prefix):
+            starts, ends = offsets
+            cut = len(prefix)
+            n = bisect.bisect_right(ends, cut)  # tokens that end at or before the cut
+            inside = n < len(ids) and starts[n] < cut
+            zero_width = n > 0 and starts[n - 1] == ends[n - 1] == cut  # in the prefix or not: unknown
+            if not inside and not zero_width:
+                return n, True
+        upto = self._tokenize(prefix)
+        return len(upto), ids[: len(upto)] == upto
+
+    def _offsets(self, text: str, ids: list[int]) -> tuple[list[int], list[int]] | None:
+        """(start, end) character offsets of `ids`, the tokens of `text`, or None where they are not known.
+
+        They come from a copy of the fast tokenizer without its post-processor, which may trim a token's
+        leading space off its offsets (ByteLevel, Roberta) and so hide a prefix that ends inside a token.
+        """
+        if self._offsets_tokenizer is None:
+            return None
+        encoding = self._offsets_tokenizer.encode(text, add_special_tokens=False)
+        if encoding.ids != ids:
+            return None
+        starts = [s for s, _ in encoding.offsets]
+        ends = [e for _, e in encoding.offsets]
+        ordered = all(a <= b for a, b in itertools.pairwise(starts)) and all(a <= b for a, b in itertools.pairwise(ends))
+        return (starts, ends) if ordered and all(s <= e for s, e in encoding.offsets) else None
+
+    def _text(self, messages: list[dict], add_generation_prompt: bool) -> str:
         if not messages:
+            return ""
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def _tokenize(self, text: str) -> list[int]:
+        if not text:
             return []
-        text = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
         # The template already contains any special tokens; adding BOS again would shift the mask.
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _offsets_tokenizer(tokenizer):
+    """A copy of `tokenizer`'s Rust tokenizer without post-processor, truncation or padding; None if not fast."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is None:
+        return None
+    from tokenizers import Tokenizer
+
+    copy = Tokenizer.from_str(backend.to_str())
+    copy.post_processor = None
+    copy.no_truncation()
+    copy.no_padding()
+    copy.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
+    return copy
 
 
 class ExampleStore:
@@ -225,6 +318,14 @@ class ExampleStore:
         with self._lock:
             assert self._cursor + n <= len(self._examples), "consuming more examples than are pending"
             self._cursor += n
+
+    def rewind(self, cursor: int) -> None:
+        """Marks everything after the first `cursor` examples pending again (a restore to a checkpoint)."""
+        with self._lock:
+            if not 0 <= cursor <= len(self._examples):
+                raise ValueError(f"cursor {cursor} is outside the store's {len(self._examples)} examples")
+            self._cursor = cursor
+            self._lock.notify_all()
 
     def wait_for_pending(self, n: int, timeout_s: float) -> None:
         """Blocks until `n` examples are pending or `timeout_s` passes."""

@@ -128,6 +128,35 @@ def build_shared_model(weights: AttachedWeights, *, train_copies: bool = False) 
     return shared
 
 
+def rebind_shared_model(shared: SharedModel, weights: AttachedWeights, *, copy_values: bool) -> None:
+    """Points every zero-copy parameter at `weights` (a re-attach to a restarted engine) in place.
+
+    The Parameter objects stay (the optimizer's state is keyed by them); only their memory moves. With
+    `copy_values`, each parameter's current values are first written into the new memory (its old
+    memory must still be readable); otherwise the parameters take whatever the new engine serves.
+    Raises BindError, before moving anything, if the new layout does not bind the same parameters.
+    """
+    params = dict(shared.model.named_parameters())
+    views = {}
+    for name in shared.zero_copy:
+        entry = weights.layout.get(name)
+        if entry is None or not entry.zero_copy:
+            raise BindError(f"{name} is not zero-copy in the restarted engine's layout: restart the trainer")
+        view = weights.hf_tensor(name)
+        _check_shape(name, view, tuple(params[name].shape), weights)
+        views[name] = view
+    with torch.no_grad():
+        for name, view in views.items():
+            param = params[name]
+            if copy_values:
+                view.copy_(param)
+            param.set_(view.untyped_storage(), view.storage_offset(), view.size(), view.stride())
+            _assert_shares_storage(name, param, weights)
+    if copy_values and next(iter(views.values())).device.type == "cuda":
+        torch.cuda.synchronize()
+    shared.weights = weights
+
+
 def own_tensor(view: torch.Tensor) -> torch.Tensor:
     """A tensor over exactly `view`'s memory with its own autograd version counter.
 

@@ -32,6 +32,7 @@ Relies on torch and the attached `UpdateStream`. Run through `weightshare train`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -151,6 +152,18 @@ def read_checkpoint_state(path: Path) -> dict:
     return json.loads((path / STATE_FILE).read_text())
 
 
+class InferenceUnavailable(Exception):
+    """An update call failed: the step holds until the inference side is usable again (InferenceLink)."""
+
+
+@dataclass
+class PendingCommit:
+    """A step whose write finished in memory but whose commit failed: committed once serving is back."""
+
+    step: int
+    finish: Callable  # (UpdateWeightsResponse) -> StreamProgressResponse: the step's bookkeeping
+
+
 class TrainingLoop:
     """Owns the model, optimizer and example store while training; thread-safe start/stop/checkpoint."""
 
@@ -181,7 +194,14 @@ class TrainingLoop:
         self.counters = Counters(weights_version=weights_version)
         self.last_checkpoint = ""
         self.error = ""
+        # Set while the inference side is usable; the loop starts no step while it is clear.
+        self.inference_ready = threading.Event()
+        self.inference_ready.set()
+        self.on_inference_lost: Callable[[str], None] = lambda why: None
+        self.pending_commit: PendingCommit | None = None
+        self.weights_torn = False  # a write failed half-way: this process's weights are not one step's
         self._params = [p for group in optimizer.param_groups for p in group["params"]]
+        self._initial_optimizer_state = optimizer.state_dict()  # for a restart from the served files
         self._device = self._params[0].device
         # Held for a whole step and for a checkpoint, so a checkpoint always sees committed weights.
         self._step_lock = threading.Lock()
@@ -206,6 +226,11 @@ class TrainingLoop:
 
     # ---- control, called from the service's threads ----
 
+    @property
+    def step_lock(self) -> threading.Lock:
+        """Held for a whole step: whoever holds it sees committed (or pending-commit) weights."""
+        return self._step_lock
+
     def restore(self, checkpoint: Path) -> None:
         """Loads optimizer state and counters from `checkpoint` (the store was opened at its cursor)."""
         state = read_checkpoint_state(checkpoint)
@@ -213,6 +238,27 @@ class TrainingLoop:
         self.counters = Counters(**state["counters"])
         self.last_checkpoint = str(checkpoint)
         log.info("resumed", checkpoint=str(checkpoint), step=self.counters.step, cursor=state["cursor"])
+
+    def reset_to(self, checkpoint: Path | None) -> None:
+        """Optimizer state, counters and data cursor of `checkpoint`, or of a fresh start when None.
+
+        Called with the step lock held, after the checkpoint's (or the served files') weights were written.
+        """
+        if checkpoint is not None:
+            self.restore(checkpoint)
+            self.store.rewind(read_checkpoint_state(checkpoint)["cursor"])
+        else:
+            self.optimizer.load_state_dict(self._initial_optimizer_state)
+            self.counters = Counters(weights_version=self.counters.weights_version)
+            self.store.rewind(0)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.pending_commit = None
+        self.weights_torn = False
+
+    def finish_pending(self, ack) -> None:
+        """Records the pending step as committed by `ack` (a commit made after serving came back)."""
+        pending, self.pending_commit = self.pending_commit, None
+        self._publish(pending.finish(ack))
 
     @property
     def running(self) -> bool:
@@ -245,7 +291,7 @@ class TrainingLoop:
         return pb.GetTrainingStatusResponse(
             running=self.running, step=c.step, weights_version=c.weights_version,
             pending_examples=self.store.pending, trained_examples=self.store.cursor, last_loss=c.last_loss,
-            last_checkpoint=self.last_checkpoint, skipped_steps=c.skipped_steps,
+            last_checkpoint=self.last_checkpoint, skipped_steps=c.skipped_steps, last_error=self.error,
         )
 
     def with_overrides(self, overrides: pb.TrainingOverrides) -> LoopConfig:
@@ -266,17 +312,25 @@ class TrainingLoop:
     def _run(self) -> None:
         start_step = self.counters.step
         reason = "stopped on request"
-        self._updates = self._open_updates()
+        self._updates = None
         try:
             while not self._stop.is_set():
                 if self.config.max_steps and self.counters.step - start_step >= self.config.max_steps:
                     reason = f"max_steps {self.config.max_steps} reached"
                     break
+                if not self.inference_ready.wait(timeout=0.5):
+                    continue  # the inference side is gone or restarting: hold (InferenceLink recovers)
+                if self._updates is None:
+                    self._updates = self._open_updates()
                 batch = self._next_batch()
                 if not batch:
                     continue
                 with self._step_lock:
-                    event = self._train_step(batch)
+                    try:
+                        event = self._train_step(batch)
+                    except InferenceUnavailable as lost:
+                        self._hold(str(lost))
+                        continue
                 self._publish(event)
                 every = self.config.checkpoint_every
                 if every and event.kind == pb.PROGRESS_KIND_STEP and self.counters.step % every == 0:
@@ -287,7 +341,8 @@ class TrainingLoop:
             log.exception("training loop failed")
             self.error = reason = f"training loop failed: {type(err).__name__}: {err}"
         finally:
-            self._updates.close()
+            if self._updates is not None:
+                self._updates.close()
         if reason.startswith("max_steps"):
             try:
                 self.save_checkpoint()
@@ -309,17 +364,30 @@ class TrainingLoop:
         warmup = self.config.warmup_steps
         return self.config.lr * min(1.0, (step + 1) / warmup) if warmup else self.config.lr
 
+    def _hold(self, why: str) -> None:
+        """Stop starting steps until the inference side is usable again; the link is told to check now."""
+        self.inference_ready.clear()
+        self._updates.close()
+        self._updates = None  # reopened (on the current attachment) once serving is back
+        log.warning("training holds: the inference side is not usable", why=why,
+                    pending_commit=self.pending_commit.step if self.pending_commit else None)
+        self.on_inference_lost(why)
+
     def _begin(self, step: int) -> None:
         """`begin` on the update stream, reopening it once if it broke while idle (nothing written yet)."""
         try:
-            self._updates.begin(step, self.config.max_pause_s)
-        except grpc.RpcError as err:
-            if err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-                raise
-            log.warning("update stream broke while idle; reopening", code=err.code().name, details=err.details())
-            self._updates.close()
-            self._updates = self._open_updates()
-            self._updates.begin(step, self.config.max_pause_s)
+            try:
+                self._updates.begin(step, self.config.max_pause_s)
+            except grpc.RpcError as err:
+                if err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+                    raise
+                log.warning("update stream broke while idle; reopening", code=err.code().name,
+                            details=err.details())
+                self._updates.close()
+                self._updates = self._open_updates()
+                self._updates.begin(step, self.config.max_pause_s)
+        except grpc.RpcError as err:  # nothing written: the step is simply tried again later
+            raise InferenceUnavailable(f"begin of step {step} failed: {err.code().name}: {err.details()}") from None
 
     def _micro_batches(self, batch: list[TokenizedExample]) -> list[list[TokenizedExample]]:
         size = self.config.micro_batch_size
@@ -403,6 +471,7 @@ class TrainingLoop:
 
     def _abort_after_failure(self, step: int, err: BaseException) -> None:
         """Resume serving after a failed write; never hides `err` (an abort failure is only logged)."""
+        self.weights_torn = True
         self.optimizer.zero_grad(set_to_none=True)
         try:
             self._updates.abort(f"optimizer step {step} failed: {type(err).__name__}: {err}")
@@ -410,7 +479,16 @@ class TrainingLoop:
             log.error("abort after a failed step also failed", step=step, error=str(abort_err))
 
     def _committed(self, batch, step, lr, tokens, mean_loss, grad_norm, t0, compute_s) -> pb.StreamProgressResponse:
-        ack = self._updates.commit(step)
+        finish = functools.partial(self._record_commit, batch, step, lr, tokens, mean_loss, grad_norm, t0, compute_s)
+        try:
+            ack = self._updates.commit(step)
+        except grpc.RpcError as err:
+            # The write finished in memory: commit it once serving is back (the same or a restarted engine).
+            self.pending_commit = PendingCommit(step, finish)
+            raise InferenceUnavailable(f"commit of step {step} failed: {err.code().name}: {err.details()}") from None
+        return finish(ack)
+
+    def _record_commit(self, batch, step, lr, tokens, mean_loss, grad_norm, t0, compute_s, ack):
         self.optimizer.zero_grad(set_to_none=True)
         self.store.consume(len(batch))
         self.counters.step = step

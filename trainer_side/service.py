@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import os
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ import grpc
 import structlog
 
 from trainer_side.data import ExampleError, Renderer
+from trainer_side.inference_link import InferenceLink
 from trainer_side.loop import TrainingLoop
 from weightshare import grpc_util
 from weightshare.v1 import trainer_service_pb2 as pb
@@ -84,17 +86,19 @@ class ProgressHub:
 
 class TrainerServicer(pb_grpc.TrainerServiceServicer):
     def __init__(
-        self, loop: TrainingLoop, renderer: Renderer, hub: ProgressHub, inference_address: str,
+        self, loop: TrainingLoop, renderer: Renderer, hub: ProgressHub, link: InferenceLink,
         server_update_mode: int, limits: ServiceLimits,
     ):
         self._loop = loop
         self._renderer = renderer
         self._hub = hub
-        self._inference_address = inference_address
+        self._link = link
         self._server_update_mode = server_update_mode
         self._limits = limits
         # One control call (start/stop/checkpoint) at a time: they join threads and write directories.
         self._control = asyncio.Lock()
+        # Rendering has its own threads, not the default executor that StopTraining and SaveCheckpoint use.
+        self.render_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="render")
 
     async def SubmitExamples(self, request: pb.SubmitExamplesRequest, context: grpc.aio.ServicerContext):
         count = len(request.examples)
@@ -113,7 +117,9 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
                 f"{self._limits.max_pending_examples}: wait for training to catch up",
             )
         try:
-            ids, pending = await asyncio.to_thread(self._render_and_store, request.examples)
+            ids, pending = await asyncio.get_running_loop().run_in_executor(
+                self.render_pool, self._render_and_store, request.examples
+            )
         except ExampleError as err:
             await context.abort(getattr(grpc.StatusCode, err.code_name), str(err))
         return pb.SubmitExamplesResponse(example_ids=ids, pending_examples=pending)
@@ -144,6 +150,8 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"overrides.learning_rate {overrides.learning_rate} must be positive (or 0 for the default)",
             )
+        if self._link.permanent:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, self._link.problem)
         async with self._control:
             if self._loop.running:
                 return pb.StartTrainingResponse(already_running=True, step=self._loop.counters.step)
@@ -169,7 +177,9 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
 
     async def GetTrainingStatus(self, request: pb.GetTrainingStatusRequest, context: grpc.aio.ServicerContext):
         status = self._loop.status()
-        status.inference_address = self._inference_address
+        status.inference_address = self._link.weights.address
+        status.inference_connected = self._link.connected
+        status.inference_problem = self._link.problem
         return status
 
     async def SaveCheckpoint(self, request: pb.SaveCheckpointRequest, context: grpc.aio.ServicerContext):
@@ -194,21 +204,33 @@ class TrainerServer:
     server: grpc.aio.Server
     hub: ProgressHub
     address: str
+    render_pool: concurrent.futures.Executor | None = None
 
     async def stop(self, grace_seconds: float) -> None:
         self.hub.close()  # ends StreamProgress calls, which would otherwise hold the grace period
         await self.server.stop(grace_seconds)
+        if self.render_pool is not None:  # a render still running finishes on its thread; queued ones are dropped
+            self.render_pool.shutdown(wait=False, cancel_futures=True)
         log.info("trainer service stopped", address=self.address)
 
 
 async def start_trainer_server(
     loop: TrainingLoop, renderer: Renderer, hub: ProgressHub, address: str, token: str | None,
-    inference_address: str, server_update_mode: int, limits: ServiceLimits,
+    link: InferenceLink, server_update_mode: int, limits: ServiceLimits,
 ) -> TrainerServer:
-    """Starts TrainerService with health and reflection on `address` (`loop` publishes into `hub`)."""
-    servicer = TrainerServicer(loop, renderer, hub, inference_address, server_update_mode, limits)
-    server, bound = await grpc_util.start_server(
+    """Starts TrainerService with health and reflection on `address` (`loop` publishes into `hub`).
+
+    Health follows `link`: NOT_SERVING while the inference side is unusable (GetTrainingStatus says why).
+    """
+    servicer = TrainerServicer(loop, renderer, hub, link, server_update_mode, limits)
+    server, bound, health_servicer = await grpc_util.start_server(
         pb_grpc.add_TrainerServiceServicer_to_server, servicer, SERVICE_NAME, address, token
     )
+    event_loop = asyncio.get_running_loop()
+
+    def follow_link(connected: bool, problem: str) -> None:  # called from the link's thread
+        asyncio.run_coroutine_threadsafe(grpc_util.set_health(health_servicer, [SERVICE_NAME], connected), event_loop)
+
+    link.add_listener(follow_link)
     log.info("trainer service listening", address=bound, auth="token" if token else "none")
-    return TrainerServer(server, hub, bound)
+    return TrainerServer(server, hub, bound, servicer.render_pool)

@@ -25,6 +25,7 @@ from pathlib import Path
 import structlog
 
 from weightshare import grpc_util
+from weightshare.errors import UsageError
 from weightshare.logs import configure_logging
 
 log = structlog.get_logger(__name__)
@@ -56,6 +57,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="bearer token for WeightExportService (default: $WEIGHTSHARE_TOKEN; none)",
     )
     parser.add_argument("--name", default="weightshare-train", help="trainer name shown by the inference side")
+    parser.add_argument(
+        "--take-over", action="store_true",
+        help="take the served model's writer lease from the trainer holding it (its session ends; one trainer "
+        "writes a model at a time). Without it, a second trainer is refused with the holder's name",
+    )
     parser.add_argument(
         "--optimizer", choices=["apollo", "apollo_mini"], default="apollo_mini",
         help="APOLLO (rank 256, per-channel scaling) or APOLLO-Mini (rank 1, per-tensor) for the projection "
@@ -149,130 +155,116 @@ def _load_tokenizer(model_dir: str):
 def run(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     grpc_util.validate_address(args.inference)
-    grpc_util.validate_address(args.grpc)
-    try:
-        grpc_util.remove_stale_socket(args.grpc)
-    except grpc_util.AddressInUse as err:
-        log.error("cannot serve on this address", address=args.grpc, error=str(err))
-        return 2
-    from trainer_side.attach import AttachError, attach
-    from trainer_side.data import ExampleStore, Renderer
-    from trainer_side.hf_model import BindError, build_shared_model
-    from trainer_side.loop import LoopConfig, latest_checkpoint, read_checkpoint_state
-    from trainer_side.param_groups import build_optimizer, preset
-    from weightshare.v1 import tensors_pb2
-    from weightshare.v1 import weight_export_service_pb2 as export_pb
-
+    grpc_util.ensure_can_listen(args.grpc)
     if args.micro_batch_size < 0:
-        log.error("--micro-batch-size must not be negative", value=args.micro_batch_size)
-        return 2
-    config = LoopConfig(
-        lr=args.lr, warmup_steps=args.warmup_steps, examples_per_step=args.examples_per_step,
-        max_steps=args.max_steps, checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
-        max_pause_s=args.max_pause, gradient_checkpointing=args.gradient_checkpointing,
-        fused_step=args.fused_step, loss_chunk_tokens=args.loss_chunk_tokens, memory_report=args.memory_report,
-        micro_batch_size=args.micro_batch_size or (args.examples_per_step if args.fused_step else 1),
-    )
-    state_dir: Path = args.state_dir.resolve()
-    state_dir.mkdir(parents=True, exist_ok=True)
-    from trainer_side.state_lock import StateDirInUse, lock_state_dir
+        raise UsageError(f"--micro-batch-size {args.micro_batch_size} must not be negative")
+    from trainer_side.attach import AttachError, attach
+    from trainer_side.loop import LoopConfig
+    from weightshare.v1 import tensors_pb2
 
     try:
-        lock_state_dir(state_dir)  # its descriptor stays open, so the lock is held until this process ends
-    except StateDirInUse as err:
-        log.error("cannot use this state directory", error=str(err))
-        return 2
-    try:
-        weights = attach(args.inference, token=args.inference_token, trainer_name=args.name)
+        config = LoopConfig(
+            lr=args.lr, warmup_steps=args.warmup_steps, examples_per_step=args.examples_per_step,
+            max_steps=args.max_steps, checkpoint_every=args.checkpoint_every,
+            keep_checkpoints=args.keep_checkpoints, max_pause_s=args.max_pause,
+            gradient_checkpointing=args.gradient_checkpointing, fused_step=args.fused_step,
+            loss_chunk_tokens=args.loss_chunk_tokens, memory_report=args.memory_report,
+            micro_batch_size=args.micro_batch_size or (args.examples_per_step if args.fused_step else 1),
+        )
+    except ValueError as err:
+        raise UsageError(f"invalid training settings: {err}") from None
+
+    def attach_writer(take_over: bool):
+        return attach(args.inference, token=args.inference_token, trainer_name=args.name, take_over=take_over)
+
+    try:  # before the state directory: nothing is created when there is nothing to train
+        weights = attach_writer(args.take_over)
     except AttachError as err:
         log.error("cannot attach to the inference side", address=args.inference, error=str(err))
         return 1
-    threads = args.torch_threads or (1 if weights.identity.device_kind == tensors_pb2.DEVICE_KIND_CPU else 0)
-    if threads:
-        import torch
+    try:  # `_train` closes the attachment it ends with (a restarted engine means a new one)
+        state_dir: Path = args.state_dir.resolve()
+        state_dir.mkdir(parents=True, exist_ok=True)
+        from trainer_side.state_lock import StateDirInUse, lock_state_dir
 
-        torch.set_num_threads(threads)
-    try:
-        served_mode = export_pb.UpdateMode.Name(weights.info.update_mode)
-        if args.update_mode != "auto" and served_mode != f"UPDATE_MODE_{args.update_mode.upper()}":
-            log.error("the inference side runs another update mode: restart it with --update-mode or pass auto",
-                      expected=args.update_mode, served=served_mode)
-            return 2
         try:
-            shared = build_shared_model(weights)
-        except BindError as err:
-            log.error("cannot bind an HF model to the served weights", error=str(err))
-            return 1
-        optimizer = build_optimizer(
-            shared.model, preset(args.optimizer, lr=args.lr, other_policy=args.other_params, embeddings=args.embeddings)
-        )
-        model_dir = weights.identity.model
-        renderer = Renderer(_load_tokenizer(model_dir), shared.model.config.vocab_size, args.max_seq_len)
-        checkpoint = latest_checkpoint(state_dir)
-        cursor = read_checkpoint_state(checkpoint)["cursor"] if checkpoint else 0
-        store = ExampleStore(state_dir, cursor)
-        try:
-            asyncio.run(_serve(args, config, shared, optimizer, store, renderer, weights, checkpoint, state_dir))
-        finally:
-            store.close()
-    finally:
+            lock_state_dir(state_dir)  # its descriptor stays open, so the lock is held until this process ends
+        except StateDirInUse as err:
+            raise UsageError(str(err)) from None
+        threads = args.torch_threads or (1 if weights.identity.device_kind == tensors_pb2.DEVICE_KIND_CPU else 0)
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+    except BaseException:
         weights.close()
+        raise
+    return _train(args, config, weights, state_dir, lambda: attach_writer(False))
+
+
+def _train(args, config, weights, state_dir: Path, attach_again) -> int:
+    """Binds the model, builds the optimizer and the loop, and serves until a signal."""
+    from trainer_side.hf_model import BindError, build_shared_model
+    from weightshare.v1 import weight_export_service_pb2 as export_pb
+
+    served_mode = export_pb.UpdateMode.Name(weights.info.update_mode)
+    if args.update_mode != "auto" and served_mode != f"UPDATE_MODE_{args.update_mode.upper()}":
+        weights.close()
+        raise UsageError(f"the inference side runs {served_mode}, not --update-mode {args.update_mode}: restart "
+                         "it with `weightshare serve --update-mode` or pass --update-mode auto")
+    try:
+        shared = build_shared_model(weights)
+    except BindError as err:
+        weights.close()
+        log.error("cannot bind an HF model to the served weights", error=str(err))
+        return 1
+    try:
+        return _train_bound(args, config, shared, state_dir, attach_again)
+    finally:
+        shared.weights.close()  # the current attachment: a re-attach replaces the first one
+
+
+def _train_bound(args, config, shared, state_dir: Path, attach_again) -> int:
+    from trainer_side.data import ExampleStore, Renderer
+    from trainer_side.loop import latest_checkpoint, read_checkpoint_state
+    from trainer_side.param_groups import build_optimizer, preset
+
+    weights = shared.weights
+    optimizer = build_optimizer(
+        shared.model, preset(args.optimizer, lr=args.lr, other_policy=args.other_params, embeddings=args.embeddings)
+    )
+    renderer = Renderer(_load_tokenizer(weights.identity.model), shared.model.config.vocab_size, args.max_seq_len)
+    checkpoint = latest_checkpoint(state_dir)
+    cursor = read_checkpoint_state(checkpoint)["cursor"] if checkpoint else 0
+    store = ExampleStore(state_dir, cursor)
+    try:
+        asyncio.run(_serve(args, config, shared, optimizer, store, renderer, checkpoint, state_dir, attach_again))
+    finally:
+        store.close()
     return 0
 
 
-def _make_served_weights_consistent(loop, weights, checkpoint) -> None:
-    """Writes the checkpoint's weights into vLLM when the served ones are not what it saved.
-
-    Served version ahead (steps after the checkpoint were lost with the trainer), behind (vLLM
-    restarted from its original weights) or torn (an update aborted mid-write): the checkpoint's
-    weights, optimizer state and cursor are one consistent state, so they win; the examples after the
-    cursor are trained again. Torn weights with no checkpoint go back to the served model's own files.
-    """
-    from trainer_side.restore import load_weights_into
-    from weightshare.v1 import weight_export_service_pb2 as export_pb
-
-    status = weights.stub.GetExportStatus(export_pb.GetExportStatusRequest(), metadata=weights.metadata)
-    served = status.identity.weights_version
-    saved = loop.counters.weights_version if checkpoint is not None else None
-    if checkpoint is not None and (status.weights_torn or served != saved):
-        source, why = checkpoint, (f"served weights are torn (step {status.torn_step})" if status.weights_torn
-                                   else f"served weights version {served} is not the checkpoint's {saved}")
-    elif checkpoint is None and status.weights_torn:
-        source, why = Path(weights.identity.model), f"served weights are torn (step {status.torn_step})"
-    else:
-        loop.counters.weights_version = served
-        return
-    log.warning("restoring the served weights", source=str(source), why=why,
-                examples_to_train_again=loop.store.pending)
-    with weights.update_stream() as updates:
-        updates.begin(step=loop.counters.step)
-        try:
-            written = load_weights_into(loop.model, source)
-        except BaseException as err:
-            updates.abort(f"restoring {source} failed: {err}")
-            raise
-        ack = updates.commit(step=loop.counters.step)
-    loop.counters.weights_version = ack.weights_version
-    log.info("served weights restored", source=str(source), parameters=written, weights_version=ack.weights_version)
-
-
-async def _serve(args, config, shared, optimizer, store, renderer, weights, checkpoint, state_dir) -> None:
+async def _serve(args, config, shared, optimizer, store, renderer, checkpoint, state_dir, attach_again) -> None:
     from trainer_side.checkpoint_writer import CheckpointInterrupted
+    from trainer_side.inference_link import InferenceLink, make_consistent
     from trainer_side.loop import TrainingLoop
     from trainer_side.service import ProgressHub, ServiceLimits, start_trainer_server
 
+    weights = shared.weights
     limits = ServiceLimits()
     hub = ProgressHub(asyncio.get_running_loop(), limits)
     loop = TrainingLoop(
-        shared.model, optimizer, store, weights.update_stream, state_dir, weights.identity.model, config,
+        shared.model, optimizer, store, lambda: link.open_updates(), state_dir, weights.identity.model, config,
         hub.publish_threadsafe,
     )
+    link = InferenceLink(weights, shared, loop, state_dir, attach_again)
     if checkpoint is not None:
         loop.restore(checkpoint)
-    _make_served_weights_consistent(loop, weights, checkpoint)
+    make_consistent(loop, weights, checkpoint, state_dir)
     server = await start_trainer_server(
-        loop, renderer, hub, args.grpc, args.token, args.inference, weights.info.update_mode, limits
+        loop, renderer, hub, args.grpc, args.token, link, weights.info.update_mode, limits
     )
+    link.start()
     log.info("trainer ready", step=loop.counters.step, pending=store.pending, trained=store.cursor,
              optimizer=args.optimizer, state_dir=str(state_dir))
     if args.autostart:
@@ -291,4 +283,5 @@ async def _serve(args, config, shared, optimizer, store, renderer, weights, chec
         log.warning("checkpoint skipped on a second signal: restarting resumes from the previous one",
                     step=step, previous=loop.last_checkpoint)
     await server.stop(grace_seconds=2.0)
+    await asyncio.to_thread(link.stop_watching)
     log.info("trainer stopped", step=step, checkpoint=path)

@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from weightshare.errors import UsageError
+
 # name -> (module, one-line help). Order is the order shown by --help.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "make-tiny-model": ("weightshare.tiny_model", "build a small random model + tokenizer with save_pretrained"),
@@ -44,7 +46,17 @@ def main(argv: list[str] | None = None) -> int:
         if extra and not getattr(module, "ACCEPTS_EXTRA_ARGS", False):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.extra_args = extra
-        return int(module.run(args) or 0)
+        try:
+            return int(module.run(args) or 0)
+        except UsageError as err:  # the message says what to change: one line, no traceback
+            import structlog
+
+            from weightshare.logs import configure_logging
+
+            if not structlog.is_configured():
+                configure_logging()
+            structlog.get_logger(module_name).error(str(err), command=name)
+            return 2
     build_parser().parse_args(argv)  # prints help or a usage error
     return 2
 

@@ -17,6 +17,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from weightshare.errors import UsageError
+
 # Layouts of big models run to ~1 MB and handle batches are bounded, but leave generous room.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 CHANNEL_OPTIONS = [
@@ -44,24 +46,50 @@ def default_socket_address(name: str) -> str:
     return f"unix://{os.path.join(base, f'weightshare-{name}.sock')}"
 
 
+class InvalidAddress(UsageError, ValueError):
+    """An address that is neither unix:///abs/path nor host:port."""
+
+
 def validate_address(address: str) -> str:
-    """Return `address` if it is `unix:///abs/path` or `host:port`, else raise ValueError saying why."""
+    """Return `address` if it is `unix:///abs/path` or `host:port`, else raise InvalidAddress saying why."""
     if address.startswith("unix://"):
         path = address[len("unix://"):]
         if not path.startswith("/"):
-            raise ValueError(f"unix socket address {address!r} must be absolute: unix:///path/to.sock")
+            raise InvalidAddress(f"unix socket address {address!r} must be absolute: unix:///path/to.sock")
         return address
     host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ValueError(f"address {address!r} is neither unix:///path nor host:port")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise InvalidAddress(f"address {address!r} is neither unix:///path/to.sock nor host:port")
     return address
 
 
-class AddressInUse(RuntimeError):
-    """A live server already listens on the unix socket (or the path is not a socket)."""
+class AddressInUse(UsageError, RuntimeError):
+    """A live server already listens on the address (or a unix path exists and is not a socket)."""
 
 
-def remove_stale_socket(address: str) -> None:
+def ensure_can_listen(address: str, flag: str = "--grpc") -> None:
+    """Fails fast, before minutes of model loading, if a server could not bind `address`.
+
+    Removes a unix socket left by a dead server; raises AddressInUse (naming `flag`) when a live
+    process holds the socket or the TCP port.
+    """
+    validate_address(address)
+    if address.startswith("unix://"):
+        remove_stale_socket(address, flag)
+        return
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds: TIME_WAIT is no conflict
+        try:
+            probe.bind((host, int(port)))
+        except OSError as err:
+            raise AddressInUse(f"cannot listen on {address}: {err.strerror}: stop what uses it or pass another "
+                               f"address ({flag})") from None
+
+
+def remove_stale_socket(address: str, flag: str = "--grpc") -> None:
     """Removes a socket file left by a server that died; refuses one a live server still listens on.
 
     Taking over a live server's path would leave it running and unreachable (a second `train` on the
@@ -73,7 +101,7 @@ def remove_stale_socket(address: str) -> None:
     if not os.path.lexists(path):
         return
     if not stat.S_ISSOCK(os.lstat(path).st_mode):
-        raise AddressInUse(f"{path} exists and is not a socket: remove it or pass another address")
+        raise AddressInUse(f"{path} exists and is not a socket: remove it or pass another address ({flag})")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         probe.settimeout(2.0)
         try:
@@ -84,7 +112,7 @@ def remove_stale_socket(address: str) -> None:
         except OSError as err:
             raise AddressInUse(f"cannot tell whether {path} is in use ({err}): pass another address") from None
     raise AddressInUse(
-        f"another live process serves unix://{path}: stop it first, or pass another address (--grpc)"
+        f"another live process serves unix://{path}: stop it first, or pass another address ({flag})"
     )
 
 
@@ -133,32 +161,41 @@ def add_health_and_reflection(
 
 
 async def mark_serving(health_servicer: health.aio.HealthServicer, service_names: Iterable[str]) -> None:
+    await set_health(health_servicer, service_names, serving=True)
+
+
+async def set_health(health_servicer: health.aio.HealthServicer, service_names: Iterable[str], serving: bool) -> None:
+    """SERVING or NOT_SERVING for the server as a whole ("") and each of `service_names`."""
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
     for name in ["", *service_names]:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await health_servicer.set(name, status)
 
 
 async def start_server(
     add_servicer: Callable[[object, grpc.aio.Server], None], servicer: object, service_name: str,
     address: str, token: str | None,
-) -> tuple[grpc.aio.Server, str]:
+) -> tuple[grpc.aio.Server, str, health.aio.HealthServicer]:
     """Serves `servicer` with health (SERVING once started), reflection and optional token on `address`.
 
-    `add_servicer` is the generated `add_FooServiceServicer_to_server`. Returns the server and the bound
-    address (port 0 resolved)."""
+    `add_servicer` is the generated `add_FooServiceServicer_to_server`. Returns the server, the bound
+    address (port 0 resolved) and the health servicer (to report NOT_SERVING later)."""
     server = create_server(token)
     add_servicer(servicer, server)
-    health = add_health_and_reflection(server, [service_name])
+    health_servicer = add_health_and_reflection(server, [service_name])
     bound = bind(server, address)
     await server.start()
-    await mark_serving(health, [service_name])
-    return server, bound
+    await mark_serving(health_servicer, [service_name])
+    return server, bound, health_servicer
 
 
 def bind(server: grpc.aio.Server, address: str) -> str:
     """Binds insecurely (loopback or unix socket) and returns the bound address (port 0 resolved)."""
     validate_address(address)
     remove_stale_socket(address)
-    port = server.add_insecure_port(address)
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as err:  # grpc says only "Failed to bind"
+        raise AddressInUse(f"cannot listen on {address} ({err}): stop what uses it or pass another address") from None
     if address.startswith("unix://"):
         return address
     host = address.rpartition(":")[0]

@@ -146,7 +146,7 @@ class GetTrainingStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetTrainingStatusResponse(_message.Message):
-    __slots__ = ("running", "step", "weights_version", "pending_examples", "trained_examples", "last_loss", "last_checkpoint", "skipped_steps", "inference_address")
+    __slots__ = ("running", "step", "weights_version", "pending_examples", "trained_examples", "last_loss", "last_checkpoint", "skipped_steps", "inference_address", "inference_connected", "inference_problem", "last_error")
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -156,6 +156,9 @@ class GetTrainingStatusResponse(_message.Message):
     LAST_CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     SKIPPED_STEPS_FIELD_NUMBER: _ClassVar[int]
     INFERENCE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    INFERENCE_CONNECTED_FIELD_NUMBER: _ClassVar[int]
+    INFERENCE_PROBLEM_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
     running: bool
     step: int
     weights_version: int
@@ -165,7 +168,10 @@ class GetTrainingStatusResponse(_message.Message):
     last_checkpoint: str
     skipped_steps: int
     inference_address: str
-    def __init__(self, running: _Optional[bool] = ..., step: _Optional[int] = ..., weights_version: _Optional[int] = ..., pending_examples: _Optional[int] = ..., trained_examples: _Optional[int] = ..., last_loss: _Optional[float] = ..., last_checkpoint: _Optional[str] = ..., skipped_steps: _Optional[int] = ..., inference_address: _Optional[str] = ...) -> None: ...
+    inference_connected: bool
+    inference_problem: str
+    last_error: str
+    def __init__(self, running: _Optional[bool] = ..., step: _Optional[int] = ..., weights_version: _Optional[int] = ..., pending_examples: _Optional[int] = ..., trained_examples: _Optional[int] = ..., last_loss: _Optional[float] = ..., last_checkpoint: _Optional[str] = ..., skipped_steps: _Optional[int] = ..., inference_address: _Optional[str] = ..., inference_connected: _Optional[bool] = ..., inference_problem: _Optional[str] = ..., last_error: _Optional[str] = ...) -> None: ...
 
 class SaveCheckpointRequest(_message.Message):
     __slots__ = ("path",)

@@ -83,16 +83,20 @@ class StreamHandlesResponse(_message.Message):
     def __init__(self, storages: _Optional[_Iterable[_Union[_tensors_pb2.StorageHandle, _Mapping]]] = ..., views: _Optional[_Iterable[_Union[_tensors_pb2.TensorView, _Mapping]]] = ..., total_views: _Optional[int] = ..., instance_id: _Optional[str] = ...) -> None: ...
 
 class AttachTrainerRequest(_message.Message):
-    __slots__ = ("trainer_name", "host_id", "pid", "expected_instance_id")
+    __slots__ = ("trainer_name", "host_id", "pid", "expected_instance_id", "read_only", "take_over")
     TRAINER_NAME_FIELD_NUMBER: _ClassVar[int]
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    READ_ONLY_FIELD_NUMBER: _ClassVar[int]
+    TAKE_OVER_FIELD_NUMBER: _ClassVar[int]
     trainer_name: str
     host_id: str
     pid: int
     expected_instance_id: str
-    def __init__(self, trainer_name: _Optional[str] = ..., host_id: _Optional[str] = ..., pid: _Optional[int] = ..., expected_instance_id: _Optional[str] = ...) -> None: ...
+    read_only: bool
+    take_over: bool
+    def __init__(self, trainer_name: _Optional[str] = ..., host_id: _Optional[str] = ..., pid: _Optional[int] = ..., expected_instance_id: _Optional[str] = ..., read_only: _Optional[bool] = ..., take_over: _Optional[bool] = ...) -> None: ...
 
 class AttachTrainerResponse(_message.Message):
     __slots__ = ("session_id", "identity")
@@ -179,16 +183,18 @@ class GetExportStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class AttachedTrainer(_message.Message):
-    __slots__ = ("session_id", "trainer_name", "pid", "attached_seconds")
+    __slots__ = ("session_id", "trainer_name", "pid", "attached_seconds", "read_only")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TRAINER_NAME_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     ATTACHED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    READ_ONLY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     trainer_name: str
     pid: int
     attached_seconds: float
-    def __init__(self, session_id: _Optional[str] = ..., trainer_name: _Optional[str] = ..., pid: _Optional[int] = ..., attached_seconds: _Optional[float] = ...) -> None: ...
+    read_only: bool
+    def __init__(self, session_id: _Optional[str] = ..., trainer_name: _Optional[str] = ..., pid: _Optional[int] = ..., attached_seconds: _Optional[float] = ..., read_only: _Optional[bool] = ...) -> None: ...
 
 class ExportEvent(_message.Message):
     __slots__ = ("unix_time", "kind", "message")
