@@ -20,7 +20,7 @@ import structlog
 
 from weightshare import grpc_util
 from weightshare.errors import UsageError
-from weightshare.logs import configure_logging
+from weightshare.logs import configure_command_logging
 from weightshare.v1 import weight_export_service_pb2 as pb
 
 ACCEPTS_EXTRA_ARGS = True  # the rest goes to vLLM
@@ -43,6 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--update-mode", choices=["strict", "concurrent"], default="strict",
         help="strict: serving pauses at a step boundary during each update; concurrent: never pauses",
+    )
+    parser.add_argument(
+        "--allow-unauthenticated", action="store_true",
+        help="serve a host:port beyond loopback without --token (refused otherwise: anyone reaching it could "
+        "pause serving and write the weights)",
     )
     parser.add_argument("--log-level", default="INFO", help="weightshare's log level (default: %(default)s)")
 
@@ -99,12 +104,10 @@ def check_model_argument(model: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    configure_logging(args.log_level)
+    configure_command_logging(args.log_level)
     check_model_argument(args.model)
     grpc_util.ensure_can_listen(args.grpc)
-    host = args.grpc.rpartition(":")[0].strip("[]")
-    if not args.grpc.startswith("unix://") and host not in ("127.0.0.1", "localhost", "::1") and not args.token:
-        log.warning("weight export reachable beyond this host without a token: pass --token", address=args.grpc)
+    grpc_util.refuse_open_exposure(args.grpc, args.token, args.allow_unauthenticated)
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 

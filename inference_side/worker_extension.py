@@ -23,9 +23,11 @@ from inference_side import cpu_repack, cuda_ipc, shm_export
 from inference_side.layout import derive_layout, engine_tensors_to_proto, layout_to_proto
 from weightshare import shm
 from weightshare.dtypes import to_proto_dtype
+from weightshare.logs import configure_logging_from_env
 from weightshare.v1 import tensors_pb2, weight_export_service_pb2
 from weightshare.vllm_compat import ensure_qwen3_5_registered
 
+configure_logging_from_env()  # a worker process logs in the format its `weightshare serve` chose
 log = structlog.get_logger(__name__)
 
 # One id per worker process: names its shared-memory file and becomes the exporter's instance id,

@@ -109,3 +109,19 @@ def test_serve_rejects_a_file_as_model(tmp_path):
     result = weightshare("serve", str(model), "--grpc", f"unix://{tmp_path}/s.sock")
     assert result.returncode == 2
     assert "is a file" in message(error_line(result))
+
+
+@pytest.mark.parametrize("command", ["serve", "train"])
+def test_listening_beyond_loopback_needs_a_token(tmp_path, command):
+    port = socket.socket()
+    port.bind(("127.0.0.1", 0))
+    number = port.getsockname()[1]
+    port.close()
+    args = [str(tmp_path / "model")] if command == "serve" else ["--state-dir", str(tmp_path / "state")]
+    if command == "serve":
+        (tmp_path / "model").mkdir()
+        (tmp_path / "model" / "config.json").write_text("{}")
+    result = weightshare(command, *args, "--grpc", f"0.0.0.0:{number}", env={"WEIGHTSHARE_TOKEN": ""})
+    assert result.returncode == 2
+    text = message(error_line(result))
+    assert "reachable beyond this host" in text and "--token" in text and "--allow-unauthenticated" in text

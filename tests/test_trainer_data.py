@@ -455,3 +455,26 @@ def test_template_that_rewrites_earlier_turns_is_a_failed_precondition(offsets):
     with pytest.raises(ExampleError, match=r"does not render messages\[:2\] as a prefix") as info:
         renderer.render(chat(("user", "hi"), ("assistant", "yes"), ("user", "why"), ("assistant", "no")))
     assert info.value.code_name == "FAILED_PRECONDITION"
+
+
+def test_a_template_that_raises_is_an_invalid_argument():
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m.role == 'system' and not loop.first %}"
+        "{{ raise_exception('system message must come first') }}{% endif %}{{ m.content }}{% endfor %}"
+    )
+    strict = Renderer(tokenizer, VOCAB_SIZE, 64)
+    with pytest.raises(ExampleError, match=r"examples\[0\]\.chat: .*refused.*system message must come first") as info:
+        strict.render(chat(("user", "hi"), ("system", "late"), ("assistant", "yes")))
+    assert info.value.code_name == "INVALID_ARGUMENT"
+
+
+def test_store_rewinds_to_a_checkpoint_cursor(tmp_path):
+    store = ExampleStore(tmp_path)
+    store.append([example(0), example(1), example(2)])
+    store.consume(3)
+    store.rewind(1)
+    assert (store.cursor, store.pending) == (1, 2)
+    assert [e.example_id for e in store.peek(5, timeout_s=0)] == ["e1", "e2"]
+    with pytest.raises(ValueError, match="outside"):
+        store.rewind(4)

@@ -12,9 +12,15 @@ Slow (two vLLM starts): .venv/bin/python -m pytest tests/test_trainer_lifecycle.
 
 from __future__ import annotations
 
+import glob
+import os
+import shutil
+import stat
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -49,14 +55,25 @@ def served_tensors(served: ServedModel) -> dict[str, torch.Tensor]:
         return {name: weights.hf_tensor(name).clone() for name in PROBED}
 
 
+def run_train(served: ServedModel, grpc_address: str, state_dir, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "weightshare.cli", "train", "--inference", served.grpc_address, "--grpc",
+         grpc_address, "--state-dir", str(state_dir), *flags],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+
+
 def test_one_writer_per_model_and_take_over(served, tmp_path):
     first = Trainer(served, tmp_path / "first", "--no-autostart", "--name", "first")
     try:
-        second = subprocess.run(
-            [sys.executable, "-m", "weightshare.cli", "train", "--inference", served.grpc_address, "--grpc",
-             f"unix://{tmp_path}/second.sock", "--state-dir", str(tmp_path / "second"), "--name", "second"],
-            capture_output=True, text=True, timeout=120, check=False,
-        )
+        # Its socket and its state directory are refused to a second live process, which takes nothing.
+        same_socket = run_train(served, first.grpc_address, tmp_path / "other")
+        assert same_socket.returncode == 2 and "another live process serves" in same_socket.stderr
+        same_state = run_train(served, f"unix://{tmp_path}/other.sock", tmp_path / "first", "--take-over")
+        assert same_state.returncode == 2 and "used by a live trainer" in same_state.stderr
+        assert first.status().inference_connected  # the refused --take-over took no lease
+
+        second = run_train(served, f"unix://{tmp_path}/second.sock", tmp_path / "second", "--name", "second")
         assert second.returncode == 1
         assert "holds the writer lease" in second.stderr and "'first'" in second.stderr
         assert f"pid {first.process.pid}" in second.stderr and "--take-over" in second.stderr
@@ -122,3 +139,44 @@ def test_trainer_survives_and_follows_an_inference_restart(served, tmp_path):
         assert any(not torch.equal(now_served[n], original[n].to(now_served[n].dtype)) for n in PROBED)
     finally:
         trainer.kill()
+
+
+PYTHON = shutil.which("python3", path="/usr/bin:/bin") or sys.executable  # one `nobody` may run
+PROBE = """
+import socket, sys
+results = []
+for path in sys.argv[1:]:
+    try:
+        if path.endswith(".sock"):
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(path)
+        else:
+            open(path, "rb").close()
+        results.append("opened")
+    except PermissionError:
+        results.append("denied")
+print(" ".join(results))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to another user (nobody) needs root")
+def test_another_local_user_cannot_reach_sockets_or_weights(served, tmp_path):
+    public = Path(tempfile.mkdtemp(prefix="ws-access-"))
+    public.chmod(0o755)  # the directory lets anyone in: only the socket's own mode may stop them
+    trainer = Trainer(served, public / "state", "--no-autostart")  # its socket: public/state-trainer.sock
+    try:
+        weight_files = sorted(glob.glob("/dev/shm/weightshare-*"))
+        assert weight_files
+        export_socket = served.grpc_address.removeprefix("unix://")
+        assert stat.S_IMODE(os.stat(export_socket).st_mode) == 0o600
+        assert all(stat.S_IMODE(os.stat(f).st_mode) == 0o600 for f in weight_files)
+        probe = subprocess.run(
+            [PYTHON, "-c", PROBE, f"{public}/state-trainer.sock", *weight_files], user=65534, group=65534,
+            extra_groups=[], capture_output=True, text=True, timeout=60, check=False,
+        )
+        assert probe.returncode == 0, probe.stderr
+        assert probe.stdout.split() == ["denied"] * (1 + len(weight_files))
+        assert trainer.status().inference_connected  # while its own user still gets in
+    finally:
+        trainer.kill()
+        shutil.rmtree(public, ignore_errors=True)

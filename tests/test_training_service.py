@@ -155,9 +155,15 @@ def test_kill_9_and_restart_loses_nothing(served, tmp_path):
 
     checkpoint = latest_checkpoint(state)
     saved = read_checkpoint_state(checkpoint)
+    trained_when_killed = int((state / "trained_cursor").read_text())
     restarted = Trainer(served, state, *flags, "--no-autostart")
     try:
         status = restarted.status()
+        # It says exactly how many examples it trains a second time: those after the checkpoint.
+        records = [json.loads(line) for line in restarted.log_path.read_text().splitlines() if line.startswith("{")]
+        restores = [r for r in records if r.get("event") == "served weights restored"]
+        if trained_when_killed != saved["cursor"]:
+            assert restores and restores[-1]["examples_to_train_again"] == trained_when_killed - saved["cursor"]
         assert not status.running
         # The served weights went on past the checkpoint (or were torn by the kill): the restart wrote the
         # checkpoint's weights back, so weights, optimizer state and cursor agree again.

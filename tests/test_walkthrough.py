@@ -7,6 +7,7 @@ curl, curl and jq. Slow (one vLLM start, 12 steps): .venv/bin/python -m pytest t
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -41,3 +42,10 @@ def test_readme_walkthrough_reaches_its_result(tmp_path):
     answers = answers[-2:]
     assert not answers[0].startswith("green house") and answers[1].startswith("green house"), result.stdout + logs
     assert re.search(r"^step-\d{8}$", result.stdout, re.MULTILINE), result.stdout
+    # Written to files, not a terminal: every line of both logs (vLLM's processes included) is JSON for jq.
+    for log in ("serve.log", "train.log"):
+        lines = (tmp_path / "ws" / log).read_text().splitlines()
+        assert lines, log
+        for number, line in enumerate(lines, 1):
+            record = json.loads(line)
+            assert isinstance(record, dict) and "event" in record and "level" in record, (log, number, line)

@@ -37,6 +37,7 @@ from weightshare.v1 import trainer_service_pb2 as pb
 log = structlog.get_logger(__name__)
 ROLES = ("system", "user", "assistant")
 STORE_FILE = "examples.jsonl"
+TRAINED_FILE = "trained_cursor"  # examples trained into the served weights, rewritten at every commit
 # No tokenizer has a sound characters-per-token bound (a WordLevel or BPE model may map any run of
 # unknown characters to one token), so this is a generous cap, not a proof: real tokenizers average
 # 3-5 characters a token and their longest tokens (whitespace, "====" runs) are tens of characters, so a
@@ -80,6 +81,10 @@ class TokenizedExample:
         return cls(record["id"], tuple(record["input_ids"]), tuple(bool(m) for m in record["loss_mask"]))
 
 
+class _TemplateRefused(Exception):
+    """The chat template raised (its own `raise_exception`, or a rendering error)."""
+
+
 class Renderer:
     """Validates examples and renders them to tokens for one model (vocabulary size, chat template)."""
 
@@ -96,7 +101,10 @@ class Renderer:
         kind = example.WhichOneof("content")
         example_id = example.example_id or uuid.uuid4().hex
         if kind == "chat":
-            ids, mask = self._render_chat(example.chat, where)
+            try:
+                ids, mask = self._render_chat(example.chat, where)
+            except _TemplateRefused as err:
+                raise ExampleError(f"{where}.chat: the served model's chat template refused these messages: {err}")
         elif kind == "tokens":
             ids, mask = self._check_tokens(example.tokens, where)
         else:
@@ -232,7 +240,14 @@ class Renderer:
     def _text(self, messages: list[dict], add_generation_prompt: bool) -> str:
         if not messages:
             return ""
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        from jinja2 import TemplateError
+
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        except TemplateError as err:  # the template's own raise_exception(), e.g. roles out of order
+            raise _TemplateRefused(str(err)) from None
 
     def _tokenize(self, text: str) -> list[int]:
         if not text:
@@ -270,6 +285,10 @@ class ExampleStore:
             raise ValueError(f"cursor {cursor} is outside the store's {len(self._examples)} examples ({self.path})")
         self._cursor = cursor
         self._file = open(self.path, "ab")  # noqa: SIM115 (held open for the store's lifetime; close())
+        trained = self.path.parent / TRAINED_FILE
+        # Read before anything trains: what the previous run had trained, checkpointed or not.
+        self.trained_by_previous_run = int(trained.read_text() or 0) if trained.exists() else cursor
+        self._trained_fd = os.open(trained, os.O_RDWR | os.O_CREAT, 0o600)
 
     def _load(self) -> list[TokenizedExample]:
         if not self.path.exists():
@@ -318,6 +337,12 @@ class ExampleStore:
         with self._lock:
             assert self._cursor + n <= len(self._examples), "consuming more examples than are pending"
             self._cursor += n
+            self._record_trained()
+
+    def _record_trained(self) -> None:
+        # Fixed width, written in place: a restart can say exactly how many examples it trains again.
+        os.pwrite(self._trained_fd, f"{self._cursor:020d}".encode(), 0)
+        os.fdatasync(self._trained_fd)
 
     def rewind(self, cursor: int) -> None:
         """Marks everything after the first `cursor` examples pending again (a restore to a checkpoint)."""
@@ -325,6 +350,7 @@ class ExampleStore:
             if not 0 <= cursor <= len(self._examples):
                 raise ValueError(f"cursor {cursor} is outside the store's {len(self._examples)} examples")
             self._cursor = cursor
+            self._record_trained()
             self._lock.notify_all()
 
     def wait_for_pending(self, n: int, timeout_s: float) -> None:
@@ -350,3 +376,4 @@ class ExampleStore:
 
     def close(self) -> None:
         self._file.close()
+        os.close(self._trained_fd)

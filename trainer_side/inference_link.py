@@ -65,11 +65,14 @@ def make_consistent(loop: TrainingLoop, weights: AttachedWeights, checkpoint: Pa
     else:
         loop.counters.weights_version = served
         return
-    log.warning("restoring the served weights", source=str(source), why=why,
-                examples_to_train_again=loop.store.pending)
+    # Examples the previous run trained after this checkpoint: the restore undoes them, so they train again.
+    replayed = max(0, loop.store.trained_by_previous_run - loop.store.cursor)
+    log.warning("restoring the served weights", source=str(source), why=why, examples_to_train_again=replayed)
     ack = write_and_commit(loop, weights, source, loop.counters.step)
+    loop.store.rewind(loop.store.cursor)  # records what the served weights now hold
     loop.counters.weights_version = ack.weights_version
-    log.info("served weights restored", source=str(source), weights_version=ack.weights_version)
+    log.info("served weights restored", source=str(source), weights_version=ack.weights_version,
+             examples_to_train_again=replayed)
 
 
 class InferenceLink:

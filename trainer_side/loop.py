@@ -22,9 +22,10 @@ and `trainer_state.json` (step, data cursor, weights version). They are written 
 directory and renamed into place, so a crash never leaves a half checkpoint.
 
 Resuming (`TrainingLoop.restore`) loads the optimizer state and the counters; the weights themselves
-already live in vLLM, which kept serving. NOTE: if vLLM restarted, it serves the original weights
-again: serve the latest checkpoint directory instead (`weightshare serve state_dir/checkpoints/step-N`)
-before restarting the trainer, or the optimizer state will not match the weights.
+already live in vLLM, which kept serving (trainer_side/inference_link.py writes them back when they do
+not match). When an update call fails (the inference side went away), the step holds instead of
+failing: nothing written yet means it is simply tried again; a finished write whose commit failed
+becomes `pending_commit`, committed by the link once serving is back (`finish_pending`).
 
 Relies on torch and the attached `UpdateStream`. Run through `weightshare train` (trainer_side/train.py).
 """

@@ -20,13 +20,14 @@ import argparse
 import asyncio
 import os
 import signal
+import sys
 from pathlib import Path
 
 import structlog
 
 from weightshare import grpc_util
 from weightshare.errors import UsageError
-from weightshare.logs import configure_logging
+from weightshare.logs import configure_command_logging
 
 log = structlog.get_logger(__name__)
 
@@ -51,6 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--token", default=token,
         help="require 'authorization: Bearer TOKEN' on TrainerService calls (default: $WEIGHTSHARE_TOKEN; none)",
+    )
+    parser.add_argument(
+        "--allow-unauthenticated", action="store_true",
+        help="serve --grpc on a host:port beyond loopback without --token (refused otherwise)",
     )
     parser.add_argument(
         "--inference-token", default=token,
@@ -153,9 +158,10 @@ def _load_tokenizer(model_dir: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    configure_logging(args.log_level)
+    configure_command_logging(args.log_level)
     grpc_util.validate_address(args.inference)
     grpc_util.ensure_can_listen(args.grpc)
+    grpc_util.refuse_open_exposure(args.grpc, args.token, args.allow_unauthenticated)
     if args.micro_batch_size < 0:
         raise UsageError(f"--micro-batch-size {args.micro_batch_size} must not be negative")
     from trainer_side.attach import AttachError, attach
@@ -177,29 +183,32 @@ def run(args: argparse.Namespace) -> int:
     def attach_writer(take_over: bool):
         return attach(args.inference, token=args.inference_token, trainer_name=args.name, take_over=take_over)
 
-    try:  # before the state directory: nothing is created when there is nothing to train
+    # The state directory is locked before attaching: a trainer refused for a busy directory must not
+    # have taken the writer lease (with --take-over) from the one using it. A directory this run
+    # created is removed again if attaching fails: nothing is left behind when there is nothing to train.
+    state_dir: Path = args.state_dir.resolve()
+    created = not state_dir.exists()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    from trainer_side.state_lock import LOCK_FILE, StateDirInUse, lock_state_dir
+
+    try:
+        lock_state_dir(state_dir)  # its descriptor stays open, so the lock is held until this process ends
+    except StateDirInUse as err:
+        raise UsageError(str(err)) from None
+    try:
         weights = attach_writer(args.take_over)
     except AttachError as err:
+        if created:
+            (state_dir / LOCK_FILE).unlink(missing_ok=True)
+            state_dir.rmdir()
         log.error("cannot attach to the inference side", address=args.inference, error=str(err))
         return 1
-    try:  # `_train` closes the attachment it ends with (a restarted engine means a new one)
-        state_dir: Path = args.state_dir.resolve()
-        state_dir.mkdir(parents=True, exist_ok=True)
-        from trainer_side.state_lock import StateDirInUse, lock_state_dir
+    threads = args.torch_threads or (1 if weights.identity.device_kind == tensors_pb2.DEVICE_KIND_CPU else 0)
+    if threads:
+        import torch
 
-        try:
-            lock_state_dir(state_dir)  # its descriptor stays open, so the lock is held until this process ends
-        except StateDirInUse as err:
-            raise UsageError(str(err)) from None
-        threads = args.torch_threads or (1 if weights.identity.device_kind == tensors_pb2.DEVICE_KIND_CPU else 0)
-        if threads:
-            import torch
-
-            torch.set_num_threads(threads)
-    except BaseException:
-        weights.close()
-        raise
-    return _train(args, config, weights, state_dir, lambda: attach_writer(False))
+        torch.set_num_threads(threads)
+    return _train(args, config, weights, state_dir, lambda: attach_writer(False))  # closes `weights`
 
 
 def _train(args, config, weights, state_dir: Path, attach_again) -> int:
@@ -253,9 +262,20 @@ async def _serve(args, config, shared, optimizer, store, renderer, checkpoint, s
     weights = shared.weights
     limits = ServiceLimits()
     hub = ProgressHub(asyncio.get_running_loop(), limits)
+    publish = hub.publish_threadsafe
+    progress = None
+    if sys.stderr.isatty():  # off a terminal the JSON step logs say the same
+        from trainer_side.progress_bar import TerminalProgress
+
+        progress = TerminalProgress(store.cursor, store.pending)
+
+        def publish(event):
+            hub.publish_threadsafe(event)
+            progress.on_event(event, store.cursor)
+
     loop = TrainingLoop(
         shared.model, optimizer, store, lambda: link.open_updates(), state_dir, weights.identity.model, config,
-        hub.publish_threadsafe,
+        publish,
     )
     link = InferenceLink(weights, shared, loop, state_dir, attach_again)
     if checkpoint is not None:
@@ -284,4 +304,6 @@ async def _serve(args, config, shared, optimizer, store, renderer, checkpoint, s
                     step=step, previous=loop.last_checkpoint)
     await server.stop(grace_seconds=2.0)
     await asyncio.to_thread(link.stop_watching)
+    if progress is not None:
+        progress.close()
     log.info("trainer stopped", step=step, checkpoint=path)

@@ -116,6 +116,21 @@ def remove_stale_socket(address: str, flag: str = "--grpc") -> None:
     )
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def refuse_open_exposure(address: str, token: str | None, allowed: bool) -> None:
+    """A service reachable beyond this host must require a token (unless the operator says otherwise)."""
+    if address.startswith("unix://") or token or allowed:
+        return
+    host = address.rpartition(":")[0].strip("[]")
+    if host not in LOOPBACK_HOSTS:
+        raise UsageError(
+            f"{address} is reachable beyond this host and no token is set: pass --token (or set "
+            "WEIGHTSHARE_TOKEN), listen on a unix socket or 127.0.0.1, or pass --allow-unauthenticated"
+        )
+
+
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     """Rejects calls whose `authorization` metadata is not `Bearer <token>` (health/reflection exempt)."""
 
@@ -184,6 +199,9 @@ async def start_server(
     health_servicer = add_health_and_reflection(server, [service_name])
     bound = bind(server, address)
     await server.start()
+    if address.startswith("unix://"):
+        # Only this user may connect (connecting needs write permission): handles open weight memory.
+        os.chmod(address[len("unix://"):], 0o600)
     await mark_serving(health_servicer, [service_name])
     return server, bound, health_servicer
 
