@@ -19,8 +19,8 @@ class TerminalProgress:
     def __init__(self, trained: int, pending: int, file: TextIO | None = None):
         self._bar = tqdm(
             total=trained + pending, initial=trained, unit="example", desc="training", dynamic_ncols=True,
-            file=file or sys.stderr, bar_format="{desc}: {n_fmt}/{total_fmt} examples |{bar}| {postfix} "
-            "[{elapsed}<{remaining}]",
+            file=file or sys.stderr, bar_format="{desc}: {n_fmt}/{total_fmt} examples |{bar}| [{elapsed}<{remaining}]"
+            "{postfix}",  # tqdm puts ", " before the postfix
         )
         self._trained = trained
 
