@@ -34,6 +34,19 @@ def _is_causal_conv_weight(weight: torch.Tensor) -> bool:
     return weight.ndim == 3 and weight.size(1) == 1
 
 
+def _transposed_layout(x: torch.Tensor) -> torch.Tensor:
+    """`x` (dim, tokens) as the C++ prefill conv checks it: strides exactly (1, dim).
+
+    vLLM bug (0.32 CPU): a one-token prefill slices `mixed_qkv` to (1, dim) with the row stride of the
+    wider projection output; `.contiguous()` keeps it (a size-1 dim's stride does not count), and
+    `causal_conv1d_fwd_cpu` then fails "expect x to be transposed", killing the engine on a one-token
+    prompt. A copy with standard strides is what longer prompts already get.
+    """
+    if x.dim() == 2 and x.size(1) == 1 and x.stride(1) != x.size(0):
+        return x.t().clone(memory_format=torch.contiguous_format).t()
+    return x
+
+
 def _plain_conv_call(original):
     """Wrap a gdn_attention conv wrapper so a 3-D unpacked weight runs as (dim, width), not packed."""
 
@@ -41,6 +54,8 @@ def _plain_conv_call(original):
         if _is_causal_conv_weight(weight):
             # A 3-D weight was never packed (packing yields (dim, width)): tell the kernel so.
             weight, is_weight_packed = weight.view(weight.size(0), weight.size(2)), False
+        if "query_start_loc" in kwargs:  # the prefill wrapper
+            kwargs["x"] = _transposed_layout(kwargs["x"])
         return original(weight=weight, is_weight_packed=is_weight_packed, **kwargs)
 
     call.weightshare_original = original  # type: ignore[attr-defined]

@@ -130,3 +130,38 @@ def test_cpp_conv_on_plain_weight_equals_packed_weight_and_torch():
             x=token, conv_states=history.clone().transpose(1, 2), weight=w, bias=None, silu_activation=True,
             conv_state_indices=torch.arange(2, dtype=torch.int32), is_weight_packed=flag)
         torch.testing.assert_close(out.float(), expected, atol=0.07, rtol=0.02)
+
+
+def one_token_prefill_x(dim: int) -> torch.Tensor:
+    """x as vLLM 0.32 hands it for a one-token prompt: a column slice of the projection output."""
+    projected = torch.randn(1, 2 * dim, dtype=torch.bfloat16)
+    return projected[:, :dim].contiguous().transpose(0, 1)  # .contiguous() keeps the wide row stride
+
+
+def test_one_token_prefill_gets_the_strides_the_kernel_checks():
+    from inference_side.cpu_repack import _transposed_layout
+
+    x = one_token_prefill_x(128)
+    assert x.stride() == (1, 256)
+    fixed = _transposed_layout(x)
+    assert fixed.stride() == (1, 128) and torch.equal(fixed, x)
+    longer = torch.randn(3, 128, dtype=torch.bfloat16).transpose(0, 1)
+    assert _transposed_layout(longer) is longer  # what longer prompts get is left alone
+
+
+@pytest.mark.skipif(not torch.cpu._is_avx512_bf16_supported(), reason="vLLM's C++ GDN conv kernels need AVX512-BF16")
+def test_cpp_prefill_conv_runs_a_one_token_prompt():
+    from vllm import _custom_ops as ops
+
+    from inference_side.cpu_repack import _transposed_layout
+
+    dim, width = 128, 4
+    kwargs = {"weight": torch.randn(dim, width, dtype=torch.bfloat16), "bias": None,
+                  "conv_states": torch.zeros(1, dim, width - 1, dtype=torch.bfloat16),
+                  "query_start_loc": torch.tensor([0, 1], dtype=torch.int32),
+                  "cache_indices": torch.tensor([0], dtype=torch.int32), "has_initial_state": torch.tensor([False]),
+                  "silu_activation": True, "is_weight_packed": False}
+    x = one_token_prefill_x(dim)
+    with pytest.raises(RuntimeError, match="expect x to be transposed"):  # vLLM's own call, unfixed
+        ops.causal_conv1d_fwd_cpu(x=x, **kwargs)
+    assert ops.causal_conv1d_fwd_cpu(x=_transposed_layout(x), **kwargs).shape == (dim, 1)

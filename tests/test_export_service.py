@@ -300,3 +300,11 @@ def test_fp32_weights_stay_live_and_token_is_required(qwen3_fp32_server):
     after_tokens, after_logprobs = greedy(qwen3_fp32_server)
     assert (edited_tokens, edited_logprobs) != (before_tokens, before_logprobs)
     assert after_tokens == before_tokens and after_logprobs == before_logprobs
+
+
+def test_a_one_token_prompt_is_served(qwen35_server):
+    # vLLM 0.32's C++ prefill conv (AVX512-BF16 CPUs) failed on one-token prompts and killed the engine;
+    # inference_side/cpu_repack.py hands it the strides it checks.
+    for prompt in ([11], [11, 42]):
+        assert qwen35_server.completion(prompt, max_tokens=2)["usage"]["completion_tokens"] == 2
+    assert greedy(qwen35_server)[0]

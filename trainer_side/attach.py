@@ -17,6 +17,7 @@ import torch
 
 from trainer_side.handles import HandleError, open_storage, open_views
 from weightshare import CONTRACT_VERSION, grpc_util, shm
+from weightshare.failpoints import failpoint
 from weightshare.v1 import tensors_pb2
 from weightshare.v1 import weight_export_service_pb2 as pb
 from weightshare.v1 import weight_export_service_pb2_grpc as pb_grpc
@@ -126,6 +127,7 @@ def attach(
             ),
             metadata=metadata,
         )
+        failpoint("attach")
         t_info = time.perf_counter()
         layout_response = stub.GetLayout(pb.GetLayoutRequest(tp_rank=tp_rank), metadata=metadata)
         t_layout = time.perf_counter()

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from trainer_side.apollo import Apollo
+from weightshare.failpoints import failpoint
 
 
 class FusedUpdates:
@@ -53,6 +54,8 @@ class FusedUpdates:
         sq = norm.square()
         self._grad_sq = sq if self._grad_sq is None else self._grad_sq + sq
         self.updated += 1
+        if self.updated == 2:
+            failpoint("mid_write")  # the first parameter's update has been applied, the rest not
         return True
 
     def remove(self) -> None:

@@ -55,6 +55,7 @@ from trainer_side.data import ExampleStore, TokenizedExample
 from trainer_side.fused import FusedUpdates
 from trainer_side.loss import loss_sum, pad_micro_batch
 from trainer_side.memory import memory_report
+from weightshare.failpoints import failpoint
 from weightshare.v1 import trainer_service_pb2 as pb
 
 log = structlog.get_logger(__name__)
@@ -335,7 +336,7 @@ class TrainingLoop:
                 self._publish(event)
                 every = self.config.checkpoint_every
                 if every and event.kind == pb.PROGRESS_KIND_STEP and self.counters.step % every == 0:
-                    self.save_checkpoint()
+                    self._periodic_checkpoint()
         except grpc.RpcError as err:
             self.error = reason = f"update protocol failed: {err.code().name}: {err.details()}"
         except Exception as err:  # surfaced in the STOPPED event and status; the service keeps running
@@ -352,6 +353,16 @@ class TrainingLoop:
                 self.error = reason = f"{reason}; checkpoint failed: {err}"
         log.info("training loop stopped", reason=reason, step=self.counters.step)
         self._publish(self._event(pb.PROGRESS_KIND_STOPPED, message=reason))
+
+    def _periodic_checkpoint(self) -> None:
+        """A full disk must not stop training: the weights stay served, the previous checkpoint stays."""
+        try:
+            self.save_checkpoint()
+        except OSError as err:
+            self.error = (f"checkpoint at step {self.counters.step} failed ({err}); training goes on and "
+                          f"{self.last_checkpoint or 'no checkpoint'} stays the newest: free space")
+            log.error("periodic checkpoint failed", step=self.counters.step, error=str(err),
+                      newest=self.last_checkpoint)
 
     def _next_batch(self) -> list[TokenizedExample]:
         n = self.config.examples_per_step
@@ -441,7 +452,9 @@ class TrainingLoop:
             return self._skip(batch, mean_loss, grad_norm, lr, tokens,
                               f"non-finite loss {mean_loss} or grad norm {grad_norm}: no update applied")
         t_backward = time.perf_counter()
+        failpoint("forward")
         self._begin(step)
+        failpoint("paused")
         try:
             self.optimizer.step()
             self._sync()
@@ -457,8 +470,10 @@ class TrainingLoop:
         if not math.isfinite(mean_loss):
             return self._skip(batch, mean_loss, 0.0, lr, tokens, f"non-finite loss {mean_loss}: no update applied")
         t_forward = time.perf_counter()
+        failpoint("forward")
         self._fused.reset()
         self._begin(step)
+        failpoint("paused")
         try:
             (loss / tokens).backward()
             self._sync()
@@ -481,6 +496,7 @@ class TrainingLoop:
 
     def _committed(self, batch, step, lr, tokens, mean_loss, grad_norm, t0, compute_s) -> pb.StreamProgressResponse:
         finish = functools.partial(self._record_commit, batch, step, lr, tokens, mean_loss, grad_norm, t0, compute_s)
+        failpoint("commit")
         try:
             ack = self._updates.commit(step)
         except grpc.RpcError as err:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import errno
 import os
 from dataclasses import dataclass
 
@@ -194,9 +195,22 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
             try:
                 written = await asyncio.to_thread(self._loop.save_checkpoint, path or None)
             except OSError as err:
-                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"cannot write checkpoint {path!r}: {err}")
+                full = _disk_full(err)
+                await context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED if full else grpc.StatusCode.FAILED_PRECONDITION,
+                    f"cannot write checkpoint {path or 'in the state directory'!r}: {err}"
+                    + ("; nothing was left half-written: free space and call again" if full else ""),
+                )
         c = self._loop.counters
         return pb.SaveCheckpointResponse(path=written, step=c.step, weights_version=c.weights_version)
+
+
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _disk_full(err: OSError) -> bool:
+    """ENOSPC and kin, also when safetensors' Rust writer reports them only in its message."""
+    return err.errno in _FULL_ERRNOS or any(f"(os error {n})" in str(err) for n in _FULL_ERRNOS)
 
 
 @dataclass

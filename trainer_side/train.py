@@ -302,6 +302,10 @@ async def _serve(args, config, shared, optimizer, store, renderer, checkpoint, s
         step, path = loop.counters.step, ""
         log.warning("checkpoint skipped on a second signal: restarting resumes from the previous one",
                     step=step, previous=loop.last_checkpoint)
+    except OSError as err:  # e.g. a full disk: every example is still stored, nothing half-written remains
+        step, path = loop.counters.step, ""
+        log.error("final checkpoint failed: restarting resumes from the previous one and trains the examples "
+                  "after it again", step=step, previous=loop.last_checkpoint or "none", error=str(err))
     await server.stop(grace_seconds=2.0)
     await asyncio.to_thread(link.stop_watching)
     if progress is not None:
