@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PROTO_FILES := $(wildcard protos/weightshare/v1/*.proto)
 PYTEST_FLAGS ?=
 
-.PHONY: help setup demo proto proto-check lint test test-fast test-slow bench clean
+.PHONY: help setup demo proto proto-check lint test test-fast test-slow reliability bench clean
 help:  ## List targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
 
@@ -33,6 +33,9 @@ test-fast: setup  ## Unit tests only (no vLLM start).
 
 test-slow: setup  ## Only the slow end-to-end scenarios.
 	$(PY) -m pytest $(PYTEST_FLAGS) -m slow tests
+
+reliability: setup  ## The reliability suite: faults (kills, restarts, full disk), fuzzing, access, load (also in `make test`).
+	$(PY) -m pytest $(PYTEST_FLAGS) -m reliability tests
 
 bench: setup  ## Run the CPU benchmarks; tables go to stdout and benchmarks/results/.
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -177,6 +177,7 @@ TRAINER_THAT_DIES = textwrap.dedent(
 )
 
 
+@pytest.mark.reliability
 def test_trainer_killed_while_paused_resumes_serving(qwen35_server):
     stub = stub_for(qwen35_server)
     child = subprocess.Popen(
@@ -206,6 +207,7 @@ def test_trainer_killed_while_paused_resumes_serving(qwen35_server):
     assert not stub.GetExportStatus(pb.GetExportStatusRequest()).weights_torn
 
 
+@pytest.mark.reliability
 def test_concurrent_generation_during_updates_all_succeed(qwen35_server):
     with (
         attach(qwen35_server.grpc_address, trainer_name="busy") as weights,
@@ -275,6 +277,7 @@ def test_invalid_requests_get_precise_status(qwen35_server):
     assert not stub.GetExportStatus(pb.GetExportStatusRequest()).paused
 
 
+@pytest.mark.reliability
 def test_fp32_weights_stay_live_and_token_is_required(qwen3_fp32_server):
     channel = grpc_util.open_sync_channel(qwen3_fp32_server.grpc_address)
     stub = pb_grpc.WeightExportServiceStub(channel)
@@ -308,3 +311,50 @@ def test_a_one_token_prompt_is_served(qwen35_server):
     for prompt in ([11], [11, 42]):
         assert qwen35_server.completion(prompt, max_tokens=2)["usage"]["completion_tokens"] == 2
     assert greedy(qwen35_server)[0]
+
+
+def _call_every_rpc(stub, service_descriptor, metadata) -> dict[str, grpc.StatusCode]:
+    """Calls each RPC of the service once with an empty request (streams included); name -> status code."""
+    codes = {}
+    for method in service_descriptor.methods:
+        request = method.input_type._concrete_class()
+        call = getattr(stub, method.name)
+        try:
+            if method.client_streaming:
+                responses = call(iter([request]), metadata=metadata, timeout=30)
+            else:
+                responses = call(request, metadata=metadata, timeout=30)
+            if method.server_streaming:
+                next(iter(responses))
+            codes[method.name] = grpc.StatusCode.OK
+        except grpc.RpcError as err:
+            codes[method.name] = err.code()
+        except StopIteration:
+            codes[method.name] = grpc.StatusCode.OK
+    return codes
+
+
+@pytest.mark.reliability
+def test_every_rpc_of_both_services_needs_the_token(qwen3_fp32_server, tmp_path):
+    from tests.test_training_service import Trainer
+    from weightshare.v1 import trainer_service_pb2, trainer_service_pb2_grpc
+
+    services = [(pb_grpc.WeightExportServiceStub, pb.DESCRIPTOR.services_by_name["WeightExportService"],
+                 qwen3_fp32_server.grpc_address)]
+    trainer = Trainer(qwen3_fp32_server, tmp_path / "state", "--no-autostart", "--token", TOKEN,
+                      "--inference-token", TOKEN)
+    try:
+        services.append((trainer_service_pb2_grpc.TrainerServiceStub,
+                         trainer_service_pb2.DESCRIPTOR.services_by_name["TrainerService"], trainer.address))
+        for stub_class, descriptor, address in services:
+            with grpc_util.open_sync_channel(address) as channel:
+                stub = stub_class(channel)
+                for metadata in ((), grpc_util.call_metadata("wrong-token"), (("authorization", TOKEN),)):
+                    codes = _call_every_rpc(stub, descriptor, metadata)
+                    assert len(codes) == len(descriptor.methods) >= 6
+                    assert set(codes.values()) == {grpc.StatusCode.UNAUTHENTICATED}, (descriptor.name, codes)
+                # With the token every RPC gets past authentication (its own validation may still refuse).
+                codes = _call_every_rpc(stub, descriptor, grpc_util.call_metadata(TOKEN))
+                assert grpc.StatusCode.UNAUTHENTICATED not in codes.values(), codes
+    finally:
+        trainer.kill()

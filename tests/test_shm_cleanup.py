@@ -18,7 +18,7 @@ from tests.test_shm_reaper import wait_gone
 from trainer_side.attach import attach
 from weightshare.processes import ServedModel
 
-pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.reliability]
 
 
 @pytest.mark.parametrize("how", ["SIGTERM to the group", "SIGKILL to the group"])

@@ -35,7 +35,7 @@ from weightshare.processes import ServedModel
 from weightshare.v1 import trainer_service_pb2 as pb
 from weightshare.v1 import weight_export_service_pb2 as export_pb
 
-pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.reliability]
 PROBED = ("lm_head.weight", "model.layers.0.linear_attn.in_proj_qkv.weight", "model.norm.weight")
 
 
