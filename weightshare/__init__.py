@@ -5,3 +5,15 @@ command-line entry point (`weightshare.cli`), logging set-up and the tiny-model 
 """
 
 CONTRACT_VERSION = "weightshare.v1"
+
+
+def protos_dir():
+    """Directory holding `weightshare/v1/*.proto`: the source tree's, or the one installed with the wheel."""
+    import sys
+    from pathlib import Path
+
+    for candidate in (Path(__file__).resolve().parent.parent / "protos",
+                      Path(sys.prefix) / "share" / "weightshare" / "protos"):
+        if (candidate / "weightshare" / "v1").is_dir():
+            return candidate
+    raise FileNotFoundError("weightshare's .proto files are neither in a source tree nor installed")

