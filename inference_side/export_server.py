@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import grpc
 import structlog
 
+from inference_side import metrics
 from inference_side.servicer import WeightExportServicer
 from inference_side.updates import UpdateCoordinator
 from weightshare import grpc_util
@@ -27,10 +28,12 @@ class ExportServer:
     servicer: WeightExportServicer
     coordinator: UpdateCoordinator
     address: str
+    collector: metrics.ExportCollector
 
     async def stop(self, grace_seconds: float = 2.0) -> None:
         # Resume serving first: a trainer mid-update must never leave vLLM paused behind us.
         await self.coordinator.shutdown()
+        metrics.unregister(self.collector)
         await self.server.stop(grace_seconds)
         log.info("weight export service stopped", address=self.address)
 
@@ -46,4 +49,4 @@ async def start_export_server(engine, address: str, token: str | None, mode: int
         "weight export service listening", address=bound, instance_id=servicer.instance_id,
         ranks=len(describes), mode=pb.UpdateMode.Name(mode), auth="token" if token else "none",
     )
-    return ExportServer(server, servicer, coordinator, bound)
+    return ExportServer(server, servicer, coordinator, bound, metrics.register(coordinator, servicer.sessions))

@@ -63,6 +63,7 @@ class WeightExportServicer(pb_grpc.WeightExportServiceServicer):
         self._handles: list[pb.StreamHandlesResponse] | None = None
         self._handles_lock = asyncio.Lock()
         self._sessions: dict[str, _Session] = {}
+        self.sessions = self._sessions  # read by the metrics collector
         # Sessions ended by a take-over -> who took over, so the loser hears why (bounded).
         self._taken_over: collections.OrderedDict[str, str] = collections.OrderedDict()
         self.instance_id = self._infos[0].identity.instance_id

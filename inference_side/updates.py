@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from inference_side.metrics import PAUSE_SECONDS
 from weightshare.v1 import weight_export_service_pb2 as pb
 
 log = structlog.get_logger(__name__)
@@ -58,6 +59,7 @@ class _Update:
 @dataclass
 class UpdateStats:
     weights_version: int = 0
+    begun: int = 0
     commits: int = 0
     aborts: int = 0
     total_paused_seconds: float = 0.0
@@ -108,6 +110,7 @@ class UpdateCoordinator:
                 # "keep": freeze in-flight requests at a step boundary; they resume on resume_generation.
                 await self._engine.pause_generation(mode="keep", clear_cache=False)
             now = time.monotonic()
+            self.stats.begun += 1
             self._update = _Update(session_id, step, now, paused=strict, last_heard=now)
             if strict:
                 limit = max_pause_seconds or DEFAULT_MAX_PAUSE_SECONDS
@@ -211,6 +214,7 @@ class UpdateCoordinator:
         await self._engine.resume_generation()
         paused_seconds = time.monotonic() - update.began_at
         self.stats.total_paused_seconds += paused_seconds
+        PAUSE_SECONDS.observe(paused_seconds)
         return paused_seconds
 
     async def _watchdog(self, update: _Update, limit: float) -> None:

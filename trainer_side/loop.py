@@ -202,6 +202,7 @@ class TrainingLoop:
         self.on_inference_lost: Callable[[str], None] = lambda why: None
         self.pending_commit: PendingCommit | None = None
         self.weights_torn = False  # a write failed half-way: this process's weights are not one step's
+        self.last_tokens_per_second = 0.0
         self._params = [p for group in optimizer.param_groups for p in group["params"]]
         self._initial_optimizer_state = optimizer.state_dict()  # for a restart from the served files
         self._device = self._params[0].device
@@ -512,6 +513,7 @@ class TrainingLoop:
         self.counters.weights_version = ack.weights_version
         self.counters.last_loss = mean_loss
         seconds = time.perf_counter() - t0
+        self.last_tokens_per_second = tokens / seconds
         log.info("step", step=step, loss=round(mean_loss, 4), tokens=tokens, grad_norm=round(grad_norm, 4),
                  lr=lr, weights_version=ack.weights_version, compute_s=round(compute_s, 3),
                  update_s=round(seconds - compute_s, 3), paused_s=round(ack.paused_seconds, 3))

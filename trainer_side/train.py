@@ -142,6 +142,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "CPU shared with vLLM, vLLM's worker keeps its cores busy and multi-threaded torch kernels stall at "
         "every barrier",
     )
+    parser.add_argument(
+        "--metrics-port", type=int, default=None,
+        help="serve Prometheus metrics (steps, loss, tokens/s, pending examples, checkpoint age, ...) at "
+        "http://--metrics-host:PORT/metrics (0: any free port, logged; default: off)",
+    )
+    parser.add_argument("--metrics-host", default="127.0.0.1", help="address for --metrics-port (default: %(default)s)")
     parser.add_argument("--log-level", default="INFO", help="log level (default: %(default)s)")
 
 
@@ -162,6 +168,8 @@ def run(args: argparse.Namespace) -> int:
     grpc_util.validate_address(args.inference)
     grpc_util.ensure_can_listen(args.grpc)
     grpc_util.refuse_open_exposure(args.grpc, args.token, args.allow_unauthenticated)
+    if args.metrics_port:
+        grpc_util.ensure_can_listen(f"{args.metrics_host}:{args.metrics_port}", flag="--metrics-port")
     if args.micro_batch_size < 0:
         raise UsageError(f"--micro-batch-size {args.micro_batch_size} must not be negative")
     from trainer_side.attach import AttachError, attach
@@ -285,6 +293,11 @@ async def _serve(args, config, shared, optimizer, store, renderer, checkpoint, s
         loop, renderer, hub, args.grpc, args.token, link, weights.info.update_mode, limits
     )
     link.start()
+    if args.metrics_port is not None:
+        from trainer_side.metrics import serve_metrics
+
+        port = serve_metrics(args.metrics_port, args.metrics_host, loop, link)
+        log.info("metrics served", url=f"http://{args.metrics_host}:{port}/metrics")
     log.info("trainer ready", step=loop.counters.step, pending=store.pending, trained=store.cursor,
              optimizer=args.optimizer, state_dir=str(state_dir))
     if args.autostart:
