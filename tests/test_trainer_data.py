@@ -478,3 +478,156 @@ def test_store_rewinds_to_a_checkpoint_cursor(tmp_path):
     assert [e.example_id for e in store.peek(5, timeout_s=0)] == ["e1", "e2"]
     with pytest.raises(ValueError, match="outside"):
         store.rewind(4)
+
+
+# --- Text examples (prompt/completion, raw text with a mask): no chat template, exact per-segment mask ---
+
+
+def text(*segments: tuple[str, bool], add_eos: bool = False, example_id: str = "") -> pb.Example:
+    return pb.Example(example_id=example_id, text=pb.TextExample(
+        segments=[pb.TextSegment(text=t, train=train) for t, train in segments], add_eos=add_eos))
+
+
+def separately(tokenizer, *texts: str) -> list[list[int]]:
+    return [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+
+
+def test_prompt_completion_trains_the_completion_and_eos_only(renderer):
+    tok = renderer.tokenizer
+    rendered = renderer.render(text(("what is the color of the sky", False), (" green house", True), add_eos=True))
+    prompt, completion = separately(tok, "what is the color of the sky", " green house")
+    assert rendered.input_ids == (*prompt, *completion, tok.eos_token_id)
+    assert rendered.loss_mask == (False,) * len(prompt) + (True,) * (len(completion) + 1)
+    masked = [t for t, m in zip(rendered.input_ids, rendered.loss_mask) if m]
+    assert tok.convert_ids_to_tokens(masked) == ["green", "house", "<|im_end|>"]
+    # Without add_eos nothing is appended; special-token strings in the text are read as special tokens.
+    plain = renderer.render(text(("hello", False), ("the sun<|im_end|>", True), example_id="t1"))
+    assert tok.convert_ids_to_tokens(list(plain.input_ids)) == ["hello", "the", "sun", "<|im_end|>"]
+    assert plain.loss_mask == (False, True, True, True) and plain.example_id == "t1"
+    # add_eos never doubles an end the text already has.
+    assert renderer.render(text(("hello", False), ("the sun<|im_end|>", True), add_eos=True)).input_ids == \
+        plain.input_ids
+
+
+def test_text_segments_are_tokenized_separately_so_the_mask_is_exact():
+    # A byte-level BPE whose whole-text tokens cross the boundary: "assistant: " + "the" would merge the
+    # space into " the" had the text been tokenized as one; separately, every token is one segment's.
+    tok = byte_level_bpe_tokenizer()
+    renderer = Renderer(tok, VOCAB_SIZE, max_seq_len=256)
+    segments = [("user: hello there, the sun is a star. assistant: ", False), ("the green house", True),
+                ("\nuser: hello", False), (" the sun", True)]
+    rendered = renderer.render(text(*segments))
+    pieces = separately(tok, *(t for t, _ in segments))
+    assert rendered.input_ids == tuple(i for piece in pieces for i in piece)
+    assert rendered.loss_mask == tuple(train for (_, train), piece in zip(segments, pieces) for _ in piece)
+    whole = list(tok("".join(t for t, _ in segments), add_special_tokens=False)["input_ids"])
+    assert whole != list(rendered.input_ids)  # the whole text tokenizes differently across a boundary
+
+
+def bos_eos_tokenizer():
+    """The tiny tokenizer, post-processed like Llama tokenizers configured to add both BOS and EOS."""
+    from tokenizers import processors
+
+    tok = build_tokenizer()
+    bos, eos = tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A <|im_end|>", special_tokens=[("<|endoftext|>", bos), ("<|im_end|>", eos)])
+    return tok
+
+
+def test_text_gets_the_tokenizers_sequence_special_tokens_once():
+    tok = bos_eos_tokenizer()
+    assert tok("hello")["input_ids"][0] == tok.convert_tokens_to_ids("<|endoftext|>")
+    renderer = Renderer(tok, VOCAB_SIZE, max_seq_len=64)
+    rendered = renderer.render(text(("hello there", False), ("green house", True), add_eos=True))
+    # BOS once before the whole (never a target), EOS once after it (a target: the last segment trains),
+    # and add_eos adds no second EOS.
+    assert tok.convert_ids_to_tokens(list(rendered.input_ids)) == [
+        "<|endoftext|>", "hello", "there", "green", "house", "<|im_end|>"]
+    assert rendered.loss_mask == (False, False, False, True, True, True)
+    last_untrained = renderer.render(text(("green house", True), ("thanks", False)))
+    assert last_untrained.loss_mask == (False, True, True, False, False)
+
+
+class CountingTokenizer:
+    """Wraps a tokenizer and records every text it is asked to tokenize."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+        self.calls: list = []
+
+    def __call__(self, texts, **kwargs):
+        self.calls.append(texts)
+        return self._tokenizer(texts, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
+def counting_text_renderer(max_seq_len: int) -> tuple[Renderer, CountingTokenizer]:
+    renderer = Renderer(build_tokenizer(), VOCAB_SIZE, max_seq_len)
+    renderer.tokenizer = counting = CountingTokenizer(renderer.tokenizer)
+    return renderer, counting
+
+
+@pytest.mark.parametrize(
+    ("example", "message"),
+    [
+        (text(), "examples[0].text.segments is empty"),
+        (text(("hello", False), ("", True)), "examples[0].text.segments[1].text is empty: drop the segment"),
+        (text(("hello", False), ("there", False)),
+         "examples[0].text.segments has no segment with train = true: nothing to train on"),
+        (text(*[("a", True)] * 65),
+         ("examples[0].text.segments has 65 segments, more than the trainer's max_seq_len 64: shorten it (or join "
+          "segments), or restart `weightshare train` with a larger --max-seq-len")),
+        (text(("x" * 4000, False), ("y" * 97, True)),
+         ("examples[0].text.segments hold 4097 characters, more than 64 a token of the trainer's max_seq_len 64 "
+          "(4096): shorten it, or restart `weightshare train` with a larger --max-seq-len")),
+    ],
+)
+def test_invalid_text_is_refused_before_tokenizing(example, message):
+    renderer, counting = counting_text_renderer(max_seq_len=64)
+    with pytest.raises(ExampleError) as info:
+        renderer.render(example)
+    assert str(info.value) == message and info.value.code_name == "INVALID_ARGUMENT"
+    assert counting.calls == []
+
+
+@pytest.mark.parametrize(
+    ("example", "message"),
+    [
+        (text(("hello " * 60, False), ("green house " * 3, True), add_eos=True),
+         ("examples[0]: 67 tokens is longer than the trainer's max_seq_len 64: shorten it, or restart "
+          "`weightshare train` with a larger --max-seq-len")),
+        (text(("hello", False), (" \n\t ", True)),
+         ("examples[0].text: the trained segments (segments[1]) give no training target: they tokenize to no "
+          "tokens, or only to the first token, which nothing precedes to predict it from")),
+        (text(("hello", True), ("there", False)), "examples[0].text: the trained segments (segments[0]) give no"),
+    ],
+)
+def test_text_without_room_or_target_is_refused_after_one_tokenization(example, message):
+    renderer, counting = counting_text_renderer(max_seq_len=64)
+    with pytest.raises(ExampleError) as info:
+        renderer.render(example)
+    assert str(info.value).startswith(message) and info.value.code_name == "INVALID_ARGUMENT"
+    assert len(counting.calls) == 1  # one batched call for all the segments
+    assert renderer.render(text(*[(f"w{i}", i == 63) for i in range(64)])).target_tokens == 1  # 64 fit
+
+
+def test_text_needs_a_tokenizer_and_an_eos_for_add_eos():
+    no_tokenizer = Renderer(None, VOCAB_SIZE, 64)
+    with pytest.raises(ExampleError, match=r"examples\[0\]\.text: the trainer has no tokenizer .*submit tokens") as info:
+        no_tokenizer.render(text(("hello", False), ("there", True)))
+    assert info.value.code_name == "FAILED_PRECONDITION"
+    tokenizer = build_tokenizer()
+    tokenizer.eos_token = None
+    no_eos = Renderer(tokenizer, VOCAB_SIZE, 64)
+    assert no_eos.render(text(("hello", False), ("there", True))).loss_mask == (False, True)
+    with pytest.raises(ExampleError, match=r"examples\[2\]\.text\.add_eos: .* has no eos token") as info:
+        no_eos.render(text(("hello", False), ("there", True), add_eos=True), index=2)
+    assert info.value.code_name == "FAILED_PRECONDITION"
+
+
+def test_an_example_with_no_content_names_every_form(renderer):
+    with pytest.raises(ExampleError, match="content is not set: give chat, text or tokens"):
+        renderer.render(pb.Example(example_id="x"))

@@ -10,6 +10,16 @@
   falls inside a token or the tokenizer gives no offsets). Token examples are taken as given. Every
   problem raises `ExampleError` naming the field and the value (the service turns it into
   INVALID_ARGUMENT or FAILED_PRECONDITION).
+  Text examples (prompt/completion, raw text with a mask) use no chat template: each segment is tokenized
+  on its own and the token lists are concatenated, so every token belongs to one segment and the mask is
+  exact by construction (tokenizing the whole text would make tokens that straddle a boundary, e.g. a
+  prompt ending in a space and a completion starting with a word, belong to both segments; and a prompt
+  is tokenized alone at inference, so its tokens here are the ones the model sees there). The special
+  tokens the tokenizer adds to one sequence (read once off a probe: a BOS token for Llama-family
+  tokenizers, none for Qwen's) go around the whole once. Work is bounded the same way: the segment count
+  and the characters first, then one batched tokenization, then max_seq_len. (A tokenizer that prefixes
+  every text it tokenizes with a space, as legacy SentencePiece ones for Llama 2 do, adds one at each
+  segment's start: a segment that continues a word mid-way then reads as a new word.)
 - `ExampleStore` is an append-only JSONL file in the trainer's state dir. `append` writes and fsyncs
   before it returns, so an acknowledged example survives a crash. Examples are consumed in order; the
   number consumed (the cursor) is saved with each checkpoint, so a restart resumes at that cursor and
@@ -94,6 +104,8 @@ class Renderer:
         self.vocab_size = vocab_size
         self.max_seq_len = max_seq_len
         self._offsets_tokenizer = _offsets_tokenizer(tokenizer)
+        # The special tokens the tokenizer adds to one sequence (before, after), for text examples.
+        self._sequence_specials = _sequence_special_tokens(tokenizer) if tokenizer is not None else ([], [])
 
     def render(self, example: pb.Example, index: int = 0) -> TokenizedExample:
         """Tokens and loss mask of `example` (`examples[index]` of a request, for error messages)."""
@@ -107,8 +119,10 @@ class Renderer:
                 raise ExampleError(f"{where}.chat: the served model's chat template refused these messages: {err}")
         elif kind == "tokens":
             ids, mask = self._check_tokens(example.tokens, where)
+        elif kind == "text":
+            ids, mask = self._render_text(example.text, where)
         else:
-            raise ExampleError(f"{where}: content is not set: give either chat or tokens")
+            raise ExampleError(f"{where}: content is not set: give chat, text or tokens")
         if len(ids) > self.max_seq_len:
             raise self._too_long(where, len(ids))
         result = TokenizedExample(example_id, tuple(ids), tuple(mask))
@@ -136,6 +150,67 @@ class Renderer:
             f"{where}: {tokens} tokens is longer than the trainer's max_seq_len {self.max_seq_len}: "
             "shorten it, or restart `weightshare train` with a larger --max-seq-len"
         )
+
+    def _render_text(self, text: pb.TextExample, where: str) -> tuple[list[int], list[bool]]:
+        segments = text.segments
+        if not segments:
+            raise ExampleError(f"{where}.text.segments is empty")
+        # Cheap bounds before any tokenizing, as for chat: the segment count, then the characters.
+        if len(segments) > self.max_seq_len:
+            raise ExampleError(
+                f"{where}.text.segments has {len(segments)} segments, more than the trainer's max_seq_len "
+                f"{self.max_seq_len}: shorten it (or join segments), or restart `weightshare train` with a "
+                "larger --max-seq-len"
+            )
+        for j, segment in enumerate(segments):
+            if not segment.text:
+                raise ExampleError(f"{where}.text.segments[{j}].text is empty: drop the segment")
+        trained = [j for j, segment in enumerate(segments) if segment.train]
+        if not trained:
+            raise ExampleError(f"{where}.text.segments has no segment with train = true: nothing to train on")
+        chars = sum(len(segment.text) for segment in segments)
+        if chars > MAX_CHARS_PER_TOKEN * self.max_seq_len:
+            raise ExampleError(
+                f"{where}.text.segments hold {chars} characters, more than {MAX_CHARS_PER_TOKEN} a token of the "
+                f"trainer's max_seq_len {self.max_seq_len} ({MAX_CHARS_PER_TOKEN * self.max_seq_len}): "
+                "shorten it, or restart `weightshare train` with a larger --max-seq-len"
+            )
+        if self.tokenizer is None:
+            raise ExampleError(
+                f"{where}.text: the trainer has no tokenizer for the served model: submit tokens instead",
+                code_name="FAILED_PRECONDITION",
+            )
+        eos = None
+        if text.add_eos:
+            eos = self.tokenizer.eos_token_id
+            if eos is None:
+                raise ExampleError(
+                    f"{where}.text.add_eos: the served model's tokenizer has no eos token: set add_eos false "
+                    "and end the last segment's text with what should end it",
+                    code_name="FAILED_PRECONDITION",
+                )
+        # Each segment on its own (one batched call), never merged across a boundary: the mask is exact.
+        pieces = self.tokenizer([segment.text for segment in segments], add_special_tokens=False)["input_ids"]
+        before, after = self._sequence_specials
+        last_trains = segments[-1].train
+        ids, mask = list(before), [False] * len(before)
+        for segment, piece in zip(segments, pieces, strict=True):
+            ids += piece
+            mask += [segment.train] * len(piece)
+        ids += after
+        mask += [last_trains] * len(after)
+        if eos is not None and (not ids or ids[-1] != eos):
+            ids.append(eos)
+            mask.append(last_trains)
+        if len(ids) > self.max_seq_len:
+            raise self._too_long(where, len(ids))
+        if not any(mask[1:]):
+            names = ", ".join(f"segments[{j}]" for j in trained)
+            raise ExampleError(
+                f"{where}.text: the trained segments ({names}) give no training target: they tokenize to no "
+                "tokens, or only to the first token, which nothing precedes to predict it from"
+            )
+        return ids, mask
 
     def _render_chat(self, chat: pb.ChatExample, where: str) -> tuple[list[int], list[bool]]:
         if not chat.messages:
@@ -254,6 +329,19 @@ class Renderer:
             return []
         # The template already contains any special tokens; adding BOS again would shift the mask.
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _sequence_special_tokens(tokenizer) -> tuple[list[int], list[int]]:
+    """(tokens before, tokens after) that `tokenizer` adds around one sequence (BOS, EOS), read off a probe."""
+    probe = "hello"
+    bare = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    full = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
+    for start in range(len(full) - len(bare) + 1):
+        if bare and full[start : start + len(bare)] == bare:
+            return full[:start], full[start + len(bare) :]
+    log.warning("cannot tell which special tokens the tokenizer adds to a sequence: text examples get none",
+                probe=probe, without_special_tokens=bare, with_special_tokens=full)
+    return [], []
 
 
 def _offsets_tokenizer(tokenizer):

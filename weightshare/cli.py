@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("weightshare.demo", "the main job: a tiny Qwen3.5 served by vLLM on CPU learns a fact while serving"),
     "serve": ("inference_side.serve", "run vLLM's OpenAI server with the weight-export gRPC service"),
     "train": ("trainer_side.train", "train the served model in place and serve TrainerService (gRPC)"),
+    "submit": ("weightshare.submit", "send training examples from a JSONL file to a running trainer"),
 }
 
 

@@ -43,15 +43,33 @@ class TokenExample(_message.Message):
     loss_mask: _containers.RepeatedScalarFieldContainer[bool]
     def __init__(self, input_ids: _Optional[_Iterable[int]] = ..., loss_mask: _Optional[_Iterable[bool]] = ...) -> None: ...
 
+class TextSegment(_message.Message):
+    __slots__ = ("text", "train")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    train: bool
+    def __init__(self, text: _Optional[str] = ..., train: _Optional[bool] = ...) -> None: ...
+
+class TextExample(_message.Message):
+    __slots__ = ("segments", "add_eos")
+    SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    ADD_EOS_FIELD_NUMBER: _ClassVar[int]
+    segments: _containers.RepeatedCompositeFieldContainer[TextSegment]
+    add_eos: bool
+    def __init__(self, segments: _Optional[_Iterable[_Union[TextSegment, _Mapping]]] = ..., add_eos: _Optional[bool] = ...) -> None: ...
+
 class Example(_message.Message):
-    __slots__ = ("example_id", "chat", "tokens")
+    __slots__ = ("example_id", "chat", "tokens", "text")
     EXAMPLE_ID_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
     example_id: str
     chat: ChatExample
     tokens: TokenExample
-    def __init__(self, example_id: _Optional[str] = ..., chat: _Optional[_Union[ChatExample, _Mapping]] = ..., tokens: _Optional[_Union[TokenExample, _Mapping]] = ...) -> None: ...
+    text: TextExample
+    def __init__(self, example_id: _Optional[str] = ..., chat: _Optional[_Union[ChatExample, _Mapping]] = ..., tokens: _Optional[_Union[TokenExample, _Mapping]] = ..., text: _Optional[_Union[TextExample, _Mapping]] = ...) -> None: ...
 
 class SubmitExamplesRequest(_message.Message):
     __slots__ = ("examples",)
