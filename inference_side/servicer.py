@@ -18,12 +18,14 @@ import structlog
 
 from inference_side.updates import UpdateCoordinator, UpdateError
 from weightshare import CONTRACT_VERSION, shm
+from weightshare.grpc_util import shown
 from weightshare.v1 import weight_export_service_pb2 as pb
 from weightshare.v1 import weight_export_service_pb2_grpc as pb_grpc
 
 log = structlog.get_logger(__name__)
 DEFAULT_HANDLE_BATCH = 64
 MAX_HANDLE_BATCH = 4096
+MAX_TRAINER_NAME = 200
 
 
 @dataclass
@@ -84,13 +86,13 @@ class WeightExportServicer(pb_grpc.WeightExportServiceServicer):
         if session is None and session_id in self._taken_over:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"session_id {session_id!r} lost the writer lease: {self._taken_over[session_id]} took over; "
+                f"session_id {shown(session_id)} lost the writer lease: {self._taken_over[session_id]} took over; "
                 "this trainer no longer writes these weights (attach with take_over to take them back)",
             )
         if session is None:
             await context.abort(
                 grpc.StatusCode.NOT_FOUND,
-                f"session_id {session_id!r} is not attached (detached, or the inference side restarted: "
+                f"session_id {shown(session_id)} is not attached (detached, or the inference side restarted: "
                 f"instance {self.instance_id}); call AttachTrainer again",
             )
         return session
@@ -156,16 +158,21 @@ class WeightExportServicer(pb_grpc.WeightExportServiceServicer):
     async def AttachTrainer(self, request, context):
         if not request.trainer_name:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "trainer_name is empty: name the trainer")
+        if len(request.trainer_name) > MAX_TRAINER_NAME:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"trainer_name {shown(request.trainer_name)} is longer than {MAX_TRAINER_NAME} characters",
+            )
         if request.host_id != self.host_id:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"host_id {request.host_id!r} is not this host ({self.host_id}): weight handles only open "
+                f"host_id {shown(request.host_id)} is not this host ({self.host_id}): weight handles only open "
                 "on the machine that serves the model",
             )
         if request.expected_instance_id and request.expected_instance_id != self.instance_id:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"expected_instance_id {request.expected_instance_id!r} is stale: the inference side restarted "
+                f"expected_instance_id {shown(request.expected_instance_id)} is stale: the inference side restarted "
                 f"(now {self.instance_id}); drop old handles and attach afresh",
             )
         if request.read_only and request.take_over:
@@ -218,7 +225,7 @@ class WeightExportServicer(pb_grpc.WeightExportServiceServicer):
                 if session_id and request.session_id != session_id:
                     await context.abort(
                         grpc.StatusCode.INVALID_ARGUMENT,
-                        f"session_id {request.session_id!r} differs from this stream's {session_id!r}",
+                        f"session_id {shown(request.session_id)} differs from this stream's {session_id!r}",
                     )
                 session = await self._check_session(request.session_id, context)
                 if session.read_only:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -95,8 +96,10 @@ class UpdateCoordinator:
         log.warning("update event", kind=kind, message=message)
 
     async def begin(self, session_id: str, step: int, max_pause_seconds: float) -> pb.UpdateWeightsResponse:
-        if max_pause_seconds < 0:
-            raise UpdateError("INVALID_ARGUMENT", f"begin.max_pause_seconds {max_pause_seconds} is negative")
+        if not (math.isfinite(max_pause_seconds) and max_pause_seconds >= 0):
+            # NaN would never time out (and spin the watchdog); inf would let a stalled trainer pause forever.
+            raise UpdateError("INVALID_ARGUMENT", f"begin.max_pause_seconds {max_pause_seconds} must be a finite "
+                              "number of seconds >= 0 (0: the server's default)")
         async with self._lock:
             if self._update is not None:
                 owner = "this session" if self._update.session_id == session_id else "another trainer"

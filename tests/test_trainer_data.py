@@ -631,3 +631,12 @@ def test_text_needs_a_tokenizer_and_an_eos_for_add_eos():
 def test_an_example_with_no_content_names_every_form(renderer):
     with pytest.raises(ExampleError, match="content is not set: give chat, text or tokens"):
         renderer.render(pb.Example(example_id="x"))
+
+
+def test_long_values_are_cut_in_messages():
+    from weightshare.grpc_util import shown
+
+    assert shown("abc") == "'abc'"
+    long = "\U0008e09c" * 913
+    text = shown(long)
+    assert len(text) < 200 and "(913 characters)" in text

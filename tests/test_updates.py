@@ -139,8 +139,11 @@ def test_shutdown_and_concurrent_mode():
 def test_protocol_refusals_name_the_problem():
     async def scenario():
         c = UpdateCoordinator(FakeEngine())
-        with pytest.raises(UpdateError, match="negative"):
-            await c.begin("s", 1, -1)
+        for bad in (-1.0, float("nan"), float("inf")):  # NaN once disabled the watchdog and spun it
+            with pytest.raises(UpdateError, match="must be a finite number") as info:
+                await c.begin("s", 1, bad)
+            assert info.value.code_name == "INVALID_ARGUMENT"
+        assert not c.paused
         await c.begin("s", 1, 0)
         with pytest.raises(UpdateError, match="still open"):
             await c.begin("t", 2, 0)

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import structlog
 
+from weightshare.grpc_util import shown
 from weightshare.v1 import trainer_service_pb2 as pb
 
 log = structlog.get_logger(__name__)
@@ -227,7 +228,7 @@ class Renderer:
         for i, message in enumerate(messages):
             if message["role"] not in ROLES:
                 raise ExampleError(
-                    f"{where}.chat.messages[{i}].role = {message['role']!r} is not one of {', '.join(ROLES)}"
+                    f"{where}.chat.messages[{i}].role = {shown(message['role'])} is not one of {', '.join(ROLES)}"
                 )
         assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         if not assistant_turns:
@@ -398,9 +399,9 @@ class ExampleStore:
             seen = set()
             for i, e in enumerate(examples):
                 if e.example_id in seen:
-                    raise ExampleError(f"examples[{i}].example_id {e.example_id!r} appears twice in this request")
+                    raise ExampleError(f"examples[{i}].example_id {shown(e.example_id)} appears twice in this request")
                 if e.example_id in self._ids:
-                    raise ExampleError(f"example_id {e.example_id!r} was already submitted", "ALREADY_EXISTS")
+                    raise ExampleError(f"example_id {shown(e.example_id)} was already submitted", "ALREADY_EXISTS")
                 seen.add(e.example_id)
             self._file.write("".join(e.to_json() + "\n" for e in examples).encode())
             self._file.flush()

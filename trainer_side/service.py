@@ -25,6 +25,7 @@ from trainer_side.data import ExampleError, Renderer
 from trainer_side.inference_link import InferenceLink
 from trainer_side.loop import TrainingLoop
 from weightshare import grpc_util
+from weightshare.grpc_util import shown
 from weightshare.v1 import trainer_service_pb2 as pb
 from weightshare.v1 import trainer_service_pb2_grpc as pb_grpc
 from weightshare.v1 import weight_export_service_pb2 as export_pb
@@ -186,11 +187,11 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
     async def SaveCheckpoint(self, request: pb.SaveCheckpointRequest, context: grpc.aio.ServicerContext):
         path = request.path
         if "\x00" in path:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"path {path!r} contains a NUL byte")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"path {shown(path)} contains a NUL byte")
         if path and not os.path.isabs(path):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"path {path!r} must be absolute")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"path {shown(path)} must be absolute")
         if path and os.path.exists(path):
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"path {path!r} exists: name a new directory")
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"path {shown(path)} exists: name a new directory")
         async with self._control:
             try:
                 written = await asyncio.to_thread(self._loop.save_checkpoint, path or None)
@@ -198,7 +199,8 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
                 full = _disk_full(err)
                 await context.abort(
                     grpc.StatusCode.RESOURCE_EXHAUSTED if full else grpc.StatusCode.FAILED_PRECONDITION,
-                    f"cannot write checkpoint {path or 'in the state directory'!r}: {err}"
+                    f"cannot write checkpoint {shown(path) if path else 'in the state directory'}: "
+                    f"{shown(str(err), 300)}"
                     + ("; nothing was left half-written: free space and call again" if full else ""),
                 )
         c = self._loop.counters

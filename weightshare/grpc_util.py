@@ -117,6 +117,20 @@ def remove_stale_socket(address: str, flag: str = "--grpc") -> None:
 
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+SHOWN_CHARACTERS = 100
+
+
+def shown(value: str, limit: int = SHOWN_CHARACTERS) -> str:
+    """`repr(value)` for an error message, cut to `limit` characters of the value.
+
+    Status details travel in an HTTP/2 trailer that clients refuse beyond 8-16 KB (percent-encoded, so
+    non-ASCII counts triple): echoing a client's 64 KB string would turn a precise error into
+    RESOURCE_EXHAUSTED "metadata size exceeds limit".
+    """
+    text = repr(value)
+    if len(text) <= limit + 2:
+        return text
+    return f"{text[:limit]}... ({len(value)} characters)"
 
 
 def refuse_open_exposure(address: str, token: str | None, allowed: bool) -> None:
