@@ -214,6 +214,9 @@ def main() -> int:
                         help="concurrent generation clients during each phase, and alone before training (0: none)")
     parser.add_argument("--load-seconds", type=float, default=20.0, help="length of the no-training load phase")
     parser.add_argument("--train-flags", default="", help="extra `weightshare train` flags")
+    parser.add_argument("--update-mode", choices=["strict", "concurrent"], default="strict",
+                        help="strict: serving pauses for each update (the whole backward of a fused step); "
+                        "concurrent: never pauses")
     parser.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "benchmarks" / "results")))
     args = parser.parse_args()
     lengths = [int(t) for t in args.tokens.split(",")]
@@ -233,7 +236,7 @@ def main() -> int:
     if not args.cpu:
         serve_args += ["--gpu-memory-utilization", str(args.gpu_memory_utilization),
                        "--additional-config", json.dumps({"gdn_prefill_backend": "triton"})]
-    served = ServedModel(model_dir, f"unix://{tmp}/inference.sock", extra_args=serve_args,
+    served = ServedModel(model_dir, f"unix://{tmp}/inference.sock", extra_args=serve_args, update_mode=args.update_mode,
                          log_path=out / "serve.log", startup_timeout_s=900)
     flags = ["--fused-step", "--gradient-checkpointing", "--optimizer", "apollo_mini", "--memory-report",
              "--max-seq-len", str(max_len), "--no-autostart", "--lr", str(args.lr), "--examples-per-step", "1",
@@ -292,7 +295,7 @@ def main() -> int:
     lines = [
         (f"In-place training of {args.shape} ({results['params_b']:.2f} B parameters) beside vLLM on {card}, "
          f"{platform.node()}, {time.strftime('%Y-%m-%d')}: fused APOLLO-Mini steps, gradient checkpointing, "
-         f"strict update mode; medians after the first 2 steps; engine start {results['engine_start_s']:.0f} s."),
+         f"{args.update_mode} update mode; medians after the first 2 steps; engine start {results['engine_start_s']:.0f} s."),
         "",
         ("| tokens/example | steps | step s | first step s | tokens/s | MFU (6N) | vLLM paused s/step | "
          "trainer peak alloc GB | loss first → last |"),
@@ -314,8 +317,8 @@ def main() -> int:
               f"Greedy tokens before {before}, after {after}: changed = {before != after}."]
     table = "\n".join(lines)
     print(table)
-    (out / f"inplace-{args.shape}.md").write_text(table + "\n")
-    (out / f"inplace-{args.shape}.json").write_text(json.dumps(results, indent=1))
+    (out / f"inplace-{args.shape}-{args.update_mode}.md").write_text(table + "\n")
+    (out / f"inplace-{args.shape}-{args.update_mode}.json").write_text(json.dumps(results, indent=1))
     return 0
 
 
