@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import signal
 import sys
 
@@ -24,18 +25,28 @@ def _level(line: str) -> str:
     return next((level for word, level in _LEVEL_WORDS if word in lowered), "info")
 
 
+# vLLM 0.26 prefixes every line its engine and worker processes write: "(EngineCore_DP0 pid=123) ...".
+_VLLM_PREFIX = re.compile(r"^\((?P<name>[^()\s]+) pid=(?P<pid>\d+)\) (?P<rest>.*)$")
+
+
 def as_json_line(line: str) -> str:
     """`line` if it is a JSON object, else a JSON log record holding it."""
     stripped = line.strip()
+    extra = {}
+    prefixed = _VLLM_PREFIX.match(stripped)
+    if prefixed:
+        stripped = prefixed["rest"].strip()
+        extra = {"vllm_process_name": prefixed["name"], "pid": int(prefixed["pid"])}
     if stripped.startswith("{"):
         try:
-            if isinstance(json.loads(stripped), dict):
-                return stripped
+            record = json.loads(stripped)
+            if isinstance(record, dict):
+                return json.dumps({**record, **extra}) if extra else stripped
         except ValueError:
             pass
     return json.dumps({
         "event": stripped, "level": _level(stripped), "logger": "stdio",
-        "timestamp": datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z"),
+        "timestamp": datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z"), **extra,
     })
 
 

@@ -125,7 +125,12 @@ def kv_cache_line(serve_log: Path) -> str:
     """vLLM's own report of its KV cache, if its log has one."""
     lines = [ln for ln in serve_log.read_text(errors="replace").splitlines()
              if "KV cache size" in ln or "Available KV cache memory" in ln]
-    return lines[-1].split(")", 1)[-1].strip()[:200] if lines else "not logged"
+    if not lines:
+        return "not logged"
+    try:  # the log is JSON lines when written to a file (weightshare.logs)
+        return str(json.loads(lines[-1])["event"])[:200]
+    except (ValueError, KeyError, TypeError):
+        return lines[-1].split(")", 1)[-1].strip()[:200]
 
 
 def greedy(served: ServedModel) -> list[int]:
