@@ -192,3 +192,43 @@ def test_a_progress_reader_that_stops_reading_stalls_nothing(served, tmp_path):
         assert trainer.terminate() == 0
     finally:
         trainer.kill()
+
+
+def process_state(pid: int) -> str:
+    stat = open(f"/proc/{pid}/stat").read()  # noqa: SIM115 (one read of a tiny proc file)
+    return stat[stat.rfind(")") + 2]
+
+
+def test_a_trainer_frozen_past_the_pause_limit_commits_its_step_when_it_wakes(served, tmp_path):
+    # SIGSTOP after the step's writes, before its commit: no heartbeats, so the server aborts the update
+    # after 1 s (serving resumes, weights flagged torn). Woken, the trainer's commit is refused; the step
+    # becomes a pending commit, which the inference link commits as soon as the server answers again.
+    state = tmp_path / "state"
+    trainer = spawn_trainer(served, state, ["--lr", "1e-3", "--max-pause", "1"], env={FAILPOINT_ENV: "commit:stop"})
+    address = f"unix://{tmp_path}/state-trainer.sock"
+    try:
+        wait_for_grpc_health(address, time.monotonic() + 120, trainer)
+        with grpc_util.open_sync_channel(address) as channel:
+            stub = pb_grpc.TrainerServiceStub(channel)
+            stub.SubmitExamples(pb.SubmitExamplesRequest(examples=token_examples(2)), timeout=30)
+            deadline = time.monotonic() + 120
+            while process_state(trainer.pid) != "T":
+                assert time.monotonic() < deadline, "the trainer never reached its commit"
+                time.sleep(0.05)
+            while not (status := export_status(served)).weights_torn or status.paused:
+                assert time.monotonic() < deadline, "the server never gave up on the silent trainer"
+                time.sleep(0.1)
+            assert "pause_timeout" in [e.kind for e in status.events]
+            os.kill(trainer.pid, signal.SIGCONT)
+            while (done := stub.GetTrainingStatus(pb.GetTrainingStatusRequest(), timeout=30)).trained_examples < 2:
+                assert trainer.poll() is None and time.monotonic() < deadline, done
+                time.sleep(0.1)
+        after = export_status(served)
+        assert not after.weights_torn and done.step == 2
+        assert after.identity.weights_version == done.weights_version
+        log = (tmp_path / "state-train.log").read_text()
+        assert '"pending step committed"' in log and '"step": 1' in log
+    finally:
+        if trainer.poll() is None:
+            os.killpg(trainer.pid, signal.SIGKILL)
+        trainer.wait()

@@ -1,5 +1,8 @@
 """Fault injection for the reliability suite: `WEIGHTSHARE_FAILPOINT=NAME` SIGKILLs the process at NAME.
 
+`WEIGHTSHARE_FAILPOINT=NAME:stop` SIGSTOPs it there instead (every thread, heartbeats included, freezes
+until a SIGCONT): a trainer the OS, a debugger or a long pause left silent past the server's limit.
+
 A SIGKILL runs no handler, no `finally` and no atexit: exactly what a crash, the OOM killer or a power
 cut leaves behind. The points (tests/test_faults.py kills a trainer at each):
 - `attach`: the session is open on the inference side, handles not yet streamed;
@@ -17,10 +20,18 @@ import signal
 
 ENV = "WEIGHTSHARE_FAILPOINT"
 POINTS = ("attach", "forward", "paused", "mid_write", "commit")
-_ARMED = os.environ.get(ENV, "")
+_ARMED, _, _ACTION = os.environ.get(ENV, "").partition(":")
+_fired = False
 
 
 def failpoint(name: str) -> None:
-    """Dies here (SIGKILL) if `name` is the armed point."""
-    if _ARMED == name:
-        os.kill(os.getpid(), signal.SIGKILL)
+    """Dies here (SIGKILL), or stops once (SIGSTOP, with `:stop`), if `name` is the armed point."""
+    global _fired
+    if _ARMED != name:
+        return
+    if _ACTION == "stop":
+        if not _fired:
+            _fired = True
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
