@@ -24,8 +24,9 @@ import grpc
 import structlog
 
 from trainer_side.attach import AttachedWeights, AttachError
+from trainer_side.checkpoints import latest_checkpoint
 from trainer_side.hf_model import BindError, SharedModel, rebind_shared_model
-from trainer_side.loop import TrainingLoop, latest_checkpoint
+from trainer_side.loop import TrainingLoop
 from trainer_side.restore import load_weights_into
 from weightshare.v1 import weight_export_service_pb2 as export_pb
 

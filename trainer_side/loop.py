@@ -15,11 +15,9 @@ In fused mode (`fused_step`, trainer_side/fused.py) one micro-batch is the step:
 `begin`, then backward applies each parameter's update as its gradient completes, then `commit`.
 Gradients are cleared before every step, so a step that failed never leaks into the next try.
 
-Checkpoints (every `checkpoint_every` steps, at max_steps, and on request) are directories
-`state_dir/checkpoints/step-NNNNNNNN` holding the weights as HF safetensors with the config and the
-served model's tokenizer files (so vLLM or `from_pretrained` can load the directory), `optimizer.pt`
-and `trainer_state.json` (step, data cursor, weights version). They are written to a temporary
-directory and renamed into place, so a crash never leaves a half checkpoint.
+Checkpoints (every `checkpoint_every` steps, at max_steps, and on request) are step-numbered
+directories in the state dir with the weights, the tokenizer, the optimizer state and the counters
+(trainer_side/checkpoints.py writes, finds and prunes them).
 
 Resuming (`TrainingLoop.restore`) loads the optimizer state and the counters; the weights themselves
 already live in vLLM, which kept serving (trainer_side/inference_link.py writes them back when they do
@@ -34,13 +32,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
-import os
-import shutil
 import threading
 import time
-import uuid
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,8 +45,18 @@ import structlog
 import torch
 from torch import nn
 
-from trainer_side.checkpoint_writer import save_model_streamed
+from trainer_side.checkpoints import (  # noqa: F401 (the names callers have imported from here)
+    CHECKPOINTS_DIR,
+    OPTIMIZER_FILE,
+    STATE_FILE,
+    checkpoint_dir_for,
+    latest_checkpoint,
+    prune_checkpoints,
+    read_checkpoint_state,
+    write_checkpoint,
+)
 from trainer_side.data import ExampleStore, TokenizedExample
+from trainer_side.defaults import DEFAULT_LR
 from trainer_side.fused import FusedUpdates
 from trainer_side.loss import loss_sum, pad_micro_batch
 from trainer_side.memory import memory_report
@@ -59,22 +64,13 @@ from weightshare.failpoints import failpoint
 from weightshare.v1 import trainer_service_pb2 as pb
 
 log = structlog.get_logger(__name__)
-CHECKPOINTS_DIR = "checkpoints"
-STATE_FILE = "trainer_state.json"
-OPTIMIZER_FILE = "optimizer.pt"
-# Files of the served model directory that make a checkpoint loadable on its own.
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-    "chat_template.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
-    "generation_config.json",
-)
 
 
 @dataclass(frozen=True)
 class LoopConfig:
     """Settings of the training loop (StartTraining may override lr, max_steps and examples_per_step)."""
 
-    lr: float = 1e-4
+    lr: float = DEFAULT_LR
     """Peak learning rate of every param group."""
     warmup_steps: int = 0
     """Linear warm-up from lr/warmup_steps to lr over this many steps (0: constant lr)."""
@@ -136,24 +132,6 @@ class Counters:
     """Loss of the last committed step."""
 
 
-def checkpoint_dir_for(state_dir: Path, step: int) -> Path:
-    return state_dir / CHECKPOINTS_DIR / f"step-{step:08d}"
-
-
-def latest_checkpoint(state_dir: Path) -> Path | None:
-    """The newest complete step-numbered checkpoint in `state_dir`, or None."""
-    root = state_dir / CHECKPOINTS_DIR
-    if not root.is_dir():
-        return None
-    done = [p for p in root.glob("step-*") if (p / STATE_FILE).is_file()]
-    return max(done, key=lambda p: int(p.name.removeprefix("step-")), default=None)
-
-
-def read_checkpoint_state(path: Path) -> dict:
-    """trainer_state.json of a checkpoint: counters, `cursor` and `examples_per_step`."""
-    return json.loads((path / STATE_FILE).read_text())
-
-
 class InferenceUnavailable(Exception):
     """An update call failed: the step holds until the inference side is usable again (InferenceLink)."""
 
@@ -180,15 +158,17 @@ class TrainingLoop:
         config: LoopConfig,
         publish: Callable[[pb.StreamProgressResponse], None],
         weights_version: int = 0,
+        tokenizer=None,
     ):
         """`open_updates()` returns a new UpdateStream (begin/commit/abort/close); `publish` receives
-        every progress event, from the loop's thread; `model_dir` is where tokenizer files are copied
-        from into checkpoints."""
+        every progress event, from the loop's thread; `model_dir` names the served model (its
+        tokenizer is loaded from there for checkpoints when `tokenizer` is None)."""
         self.model = model
         self.optimizer = optimizer
         self.store = store
         self.state_dir = Path(state_dir)
         self.model_dir = model_dir
+        self._tokenizer = tokenizer
         self.config = config  # the running (or last) run's settings
         self.base_config = config  # the trainer's configured settings; overrides never change them
         self._open_updates = open_updates
@@ -218,6 +198,7 @@ class TrainingLoop:
         self._pad_id = getattr(model.config, "pad_token_id", None) or 0
         self._fused: FusedUpdates | None = None
         self._configure_fused()
+        self._schedule()
 
     def _configure_fused(self) -> None:
         """Attach or detach the backward hooks of fused steps to match `self.config`."""
@@ -240,6 +221,7 @@ class TrainingLoop:
         self.optimizer.load_state_dict(torch.load(checkpoint / OPTIMIZER_FILE, map_location=self._device))
         self.counters = Counters(**state["counters"])
         self.last_checkpoint = str(checkpoint)
+        self._schedule()
         log.info("resumed", checkpoint=str(checkpoint), step=self.counters.step, cursor=state["cursor"])
 
     def reset_to(self, checkpoint: Path | None) -> None:
@@ -254,6 +236,7 @@ class TrainingLoop:
             self.optimizer.load_state_dict(self._initial_optimizer_state)
             self.counters = Counters(weights_version=self.counters.weights_version)
             self.store.rewind(0)
+            self._schedule()
         self.optimizer.zero_grad(set_to_none=True)
         self.pending_commit = None
         self.weights_torn = False
@@ -274,6 +257,7 @@ class TrainingLoop:
         # Overrides apply to this run only: a start without them runs with the configured settings.
         self.config = config if config is not None else self.base_config
         self._configure_fused()
+        self._schedule()
         self._stop.clear()
         self.error = ""
         self._thread = threading.Thread(target=self._run, name="training-loop", daemon=True)
@@ -373,9 +357,24 @@ class TrainingLoop:
             batch = self.store.peek(n, timeout_s=0)
         return [] if self._stop.is_set() else batch
 
-    def _lr_at(self, step: int) -> float:
+    def _schedule(self) -> None:
+        """torch's LambdaLR over the run's settings, positioned at the next step: linear warm-up from
+        lr/warmup_steps to lr over warmup_steps steps, then constant. Rebuilt for every run and restore."""
         warmup = self.config.warmup_steps
-        return self.config.lr * min(1.0, (step + 1) / warmup) if warmup else self.config.lr
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = self.config.lr
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # see _advance_schedule
+            self._scheduler = torch.optim.lr_scheduler.LambdaLR(
+                self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0,
+                last_epoch=self.counters.step - 1,
+            )
+
+    def _advance_schedule(self) -> None:
+        with warnings.catch_warnings():
+            # Fused steps update inside backward and never call optimizer.step(), which torch warns about.
+            warnings.simplefilter("ignore", UserWarning)
+            self._scheduler.step()
 
     def _hold(self, why: str) -> None:
         """Stop starting steps until the inference side is usable again; the link is told to check now."""
@@ -430,9 +429,7 @@ class TrainingLoop:
         t0 = time.perf_counter()
         if self._device.type == "cuda" and self.config.memory_report:
             torch.cuda.reset_peak_memory_stats(self._device)
-        lr = self._lr_at(self.counters.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        lr = self._scheduler.get_last_lr()[0]
         tokens = sum(e.target_tokens for e in batch)
         step = self.counters.step + 1
         # A failed earlier try must not leak its gradients into this one.
@@ -510,6 +507,7 @@ class TrainingLoop:
         self.optimizer.zero_grad(set_to_none=True)
         self.store.consume(len(batch))
         self.counters.step = step
+        self._advance_schedule()
         self.counters.weights_version = ack.weights_version
         self.counters.last_loss = mean_loss
         seconds = time.perf_counter() - t0
@@ -550,47 +548,24 @@ class TrainingLoop:
         self._checkpoint_interrupted.set()
 
     def _write_checkpoint(self, target: Path) -> None:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        # Streamed shard by shard: host memory holds one shard, not the model (54 GB at 27B).
-        try:
-            save_model_streamed(self.model, tmp, should_stop=self._checkpoint_interrupted.is_set)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        source = Path(self.model_dir)
-        for name in TOKENIZER_FILES:
-            if (source / name).is_file() and not (tmp / name).exists():
-                shutil.copy2(source / name, tmp / name)
-        torch.save(self.optimizer.state_dict(), tmp / OPTIMIZER_FILE)
         state = {
             "counters": dataclasses.asdict(self.counters), "cursor": self.store.cursor,
             "examples_total": self.store.total, "served_model": self.model_dir, "time": time.time(),
         }
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
-        for file in tmp.iterdir():
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
-        if target.exists():  # re-saving the same step: move the old one aside, then swap
-            old = target.parent / f".old-{target.name}-{uuid.uuid4().hex[:8]}"
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, target)
-        dir_fd = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_checkpoint(target, self.model, self.optimizer, self._checkpoint_tokenizer(), state,
+                         should_stop=self._checkpoint_interrupted.is_set)
+
+    def _checkpoint_tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+            except (OSError, ValueError) as err:
+                log.warning("checkpoints carry no tokenizer: the served model's cannot be loaded",
+                            model=self.model_dir, error=str(err))
+                self._tokenizer = False
+        return self._tokenizer or None
 
     def _prune_checkpoints(self) -> None:
-        keep = self.config.keep_checkpoints
-        root = self.state_dir / CHECKPOINTS_DIR
-        done = sorted((p for p in root.glob("step-*") if (p / STATE_FILE).is_file()),
-                      key=lambda p: int(p.name.removeprefix("step-")))
-        for old in done[:-keep] if keep else []:
-            shutil.rmtree(old, ignore_errors=True)
-        for stale in root.glob(".tmp-*"):  # left by a crash mid-write
-            shutil.rmtree(stale, ignore_errors=True)
+        prune_checkpoints(self.state_dir, self.config.keep_checkpoints)

@@ -24,7 +24,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from trainer_side.loop import STATE_FILE
+from trainer_side.checkpoints import STATE_FILE
 
 
 class TrainerCollector:

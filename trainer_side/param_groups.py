@@ -22,6 +22,7 @@ from typing import Any, Literal
 from torch import nn
 
 from trainer_side.apollo import Apollo
+from trainer_side.defaults import DEFAULT_LR
 
 # Projection modules of HF decoder layers: attention, MLP, and gated-delta-net linear attention (Qwen3.5).
 DEFAULT_TARGET_MODULES = (
@@ -50,7 +51,7 @@ _MINI = {"rank": 1, "scale": 128.0, "scale_type": "tensor"}
 class ApolloConfig:
     """How to split a causal LM's parameters between APOLLO, AdamW and frozen, and the settings of each."""
 
-    lr: float = 1e-5
+    lr: float = DEFAULT_LR
     """Learning rate of every group (the APOLLO paper pretrains at 1e-2; fine-tuning wants far less)."""
     betas: tuple[float, float] = (0.9, 0.999)
     """Adam's moment decay rates, for both the projected (APOLLO) and the full (AdamW) moments."""

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import structlog
 
+from trainer_side.defaults import DEFAULT_LR
 from weightshare import grpc_util
 from weightshare.errors import UsageError
 from weightshare.logs import configure_command_logging
@@ -77,7 +78,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="norms, conv1d, A_log and the other non-projection parameters (embeddings and lm_head: see "
         "--embeddings): train with AdamW or freeze (default: %(default)s)",
     )
-    parser.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (default: %(default)s)")
+    parser.add_argument(
+        "--lr", type=float, default=DEFAULT_LR,
+        help="peak learning rate (default: %(default)s, for models of billions of parameters; a tiny random "
+        "model needs ~5e-3)",
+    )
     parser.add_argument("--warmup-steps", type=int, default=0, help="linear LR warm-up steps (default: none)")
     parser.add_argument(
         "--examples-per-step", type=int, default=1,
@@ -242,8 +247,8 @@ def _train(args, config, weights, state_dir: Path, attach_again) -> int:
 
 
 def _train_bound(args, config, shared, state_dir: Path, attach_again) -> int:
+    from trainer_side.checkpoints import latest_checkpoint, read_checkpoint_state
     from trainer_side.data import ExampleStore, Renderer
-    from trainer_side.loop import latest_checkpoint, read_checkpoint_state
     from trainer_side.param_groups import build_optimizer, preset
 
     weights = shared.weights
@@ -283,7 +288,7 @@ async def _serve(args, config, shared, optimizer, store, renderer, checkpoint, s
 
     loop = TrainingLoop(
         shared.model, optimizer, store, lambda: link.open_updates(), state_dir, weights.identity.model, config,
-        publish,
+        publish, tokenizer=renderer.tokenizer,
     )
     link = InferenceLink(weights, shared, loop, state_dir, attach_again)
     if checkpoint is not None:
