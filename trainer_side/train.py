@@ -170,69 +170,62 @@ def _load_tokenizer(model_dir: str):
 
 def run(args: argparse.Namespace) -> int:
     configure_command_logging(args.log_level)
-    grpc_util.validate_address(args.inference)
-    grpc_util.ensure_can_listen(args.grpc)
-    grpc_util.refuse_open_exposure(args.grpc, args.token, args.allow_unauthenticated)
-    if args.metrics_port:
-        grpc_util.ensure_can_listen(f"{args.metrics_host}:{args.metrics_port}", flag="--metrics-port")
-    if args.micro_batch_size < 0:
-        raise UsageError(f"--micro-batch-size {args.micro_batch_size} must not be negative")
-    from trainer_side.attach import AttachError, attach
-    from trainer_side.loop import LoopConfig
+    from trainer_side.trainer_config import TrainerConfig
     from weightshare.v1 import tensors_pb2
 
-    try:
-        config = LoopConfig(
-            lr=args.lr, warmup_steps=args.warmup_steps, examples_per_step=args.examples_per_step,
-            max_steps=args.max_steps, checkpoint_every=args.checkpoint_every,
-            keep_checkpoints=args.keep_checkpoints, max_pause_s=args.max_pause,
-            gradient_checkpointing=args.gradient_checkpointing, fused_step=args.fused_step,
-            loss_chunk_tokens=args.loss_chunk_tokens, memory_report=args.memory_report,
-            micro_batch_size=args.micro_batch_size or (args.examples_per_step if args.fused_step else 1),
-        )
-    except ValueError as err:
-        raise UsageError(f"invalid training settings: {err}") from None
-
-    def attach_writer(take_over: bool):
-        return attach(args.inference, token=args.inference_token, trainer_name=args.name, take_over=take_over)
-
-    # The state directory is locked before attaching: a trainer refused for a busy directory must not
-    # have taken the writer lease (with --take-over) from the one using it. A directory this run
-    # created is removed again if attaching fails: nothing is left behind when there is nothing to train.
-    state_dir: Path = args.state_dir.resolve()
-    created = not state_dir.exists()
-    state_dir.mkdir(parents=True, exist_ok=True)
-    from trainer_side.state_lock import LOCK_FILE, StateDirInUse, lock_state_dir
-
-    try:
-        lock_state_dir(state_dir)  # its descriptor stays open, so the lock is held until this process ends
-    except StateDirInUse as err:
-        raise UsageError(str(err)) from None
-    try:
-        weights = attach_writer(args.take_over)
-    except AttachError as err:
-        if created:
-            (state_dir / LOCK_FILE).unlink(missing_ok=True)
-            state_dir.rmdir()
-        log.error("cannot attach to the inference side", address=args.inference, error=str(err))
+    config = TrainerConfig.from_args(args)
+    weights = _lock_and_attach(config, config.take_over)
+    if weights is None:
         return 1
-    threads = args.torch_threads or (1 if weights.identity.device_kind == tensors_pb2.DEVICE_KIND_CPU else 0)
+    threads = config.torch_threads or (1 if weights.identity.device_kind == tensors_pb2.DEVICE_KIND_CPU else 0)
     if threads:
         import torch
 
         torch.set_num_threads(threads)
-    return _train(args, config, weights, state_dir, lambda: attach_writer(False))  # closes `weights`
+    return _train(config, weights)  # closes `weights`
 
 
-def _train(args, config, weights, state_dir: Path, attach_again) -> int:
+def _attach(config, take_over: bool):
+    from trainer_side.attach import attach
+
+    return attach(config.inference, token=config.inference_token, trainer_name=config.name, take_over=take_over)
+
+
+def _lock_and_attach(config, take_over: bool):
+    """Locks the state directory, then attaches as the writer; None (logged) when attaching fails.
+
+    The directory is locked first: a trainer refused for a busy directory must not have taken the writer
+    lease (with --take-over) from the one using it. A directory this run created is removed again if
+    attaching fails: nothing is left behind when there is nothing to train.
+    """
+    from trainer_side.attach import AttachError
+    from trainer_side.state_lock import LOCK_FILE, StateDirInUse, lock_state_dir
+
+    created = not config.state_dir.exists()
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        lock_state_dir(config.state_dir)  # its descriptor stays open: the lock is held until this process ends
+    except StateDirInUse as err:
+        raise UsageError(str(err)) from None
+    try:
+        return _attach(config, take_over)
+    except AttachError as err:
+        if created:
+            (config.state_dir / LOCK_FILE).unlink(missing_ok=True)
+            config.state_dir.rmdir()
+        log.error("cannot attach to the inference side", address=config.inference, error=str(err))
+        return None
+
+
+def _train(config, weights) -> int:
     """Binds the model, builds the optimizer and the loop, and serves until a signal."""
     from trainer_side.hf_model import BindError, build_shared_model
     from weightshare.v1 import weight_export_service_pb2 as export_pb
 
     served_mode = export_pb.UpdateMode.Name(weights.info.update_mode)
-    if args.update_mode != "auto" and served_mode != f"UPDATE_MODE_{args.update_mode.upper()}":
+    if config.update_mode != "auto" and served_mode != f"UPDATE_MODE_{config.update_mode.upper()}":
         weights.close()
-        raise UsageError(f"the inference side runs {served_mode}, not --update-mode {args.update_mode}: restart "
+        raise UsageError(f"the inference side runs {served_mode}, not --update-mode {config.update_mode}: restart "
                          "it with `weightshare serve --update-mode` or pass --update-mode auto")
     try:
         shared = build_shared_model(weights)
@@ -241,32 +234,30 @@ def _train(args, config, weights, state_dir: Path, attach_again) -> int:
         log.error("cannot bind an HF model to the served weights", error=str(err))
         return 1
     try:
-        return _train_bound(args, config, shared, state_dir, attach_again)
+        return _train_bound(config, shared)
     finally:
         shared.weights.close()  # the current attachment: a re-attach replaces the first one
 
 
-def _train_bound(args, config, shared, state_dir: Path, attach_again) -> int:
+def _train_bound(config, shared) -> int:
     from trainer_side.checkpoints import latest_checkpoint, read_checkpoint_state
     from trainer_side.data import ExampleStore, Renderer
     from trainer_side.param_groups import build_optimizer, preset
 
-    weights = shared.weights
-    optimizer = build_optimizer(
-        shared.model, preset(args.optimizer, lr=args.lr, other_policy=args.other_params, embeddings=args.embeddings)
-    )
-    renderer = Renderer(_load_tokenizer(weights.identity.model), shared.model.config.vocab_size, args.max_seq_len)
-    checkpoint = latest_checkpoint(state_dir)
-    cursor = read_checkpoint_state(checkpoint)["cursor"] if checkpoint else 0
-    store = ExampleStore(state_dir, cursor)
+    optimizer = build_optimizer(shared.model, preset(
+        config.optimizer, lr=config.loop.lr, other_policy=config.other_params, embeddings=config.embeddings))
+    renderer = Renderer(_load_tokenizer(shared.weights.identity.model), shared.model.config.vocab_size,
+                        config.max_seq_len)
+    checkpoint = latest_checkpoint(config.state_dir)
+    store = ExampleStore(config.state_dir, read_checkpoint_state(checkpoint)["cursor"] if checkpoint else 0)
     try:
-        asyncio.run(_serve(args, config, shared, optimizer, store, renderer, checkpoint, state_dir, attach_again))
+        asyncio.run(_serve(config, shared, optimizer, store, renderer, checkpoint))
     finally:
         store.close()
     return 0
 
 
-async def _serve(args, config, shared, optimizer, store, renderer, checkpoint, state_dir, attach_again) -> None:
+async def _serve(config, shared, optimizer, store, renderer, checkpoint) -> None:
     from trainer_side.checkpoint_writer import CheckpointInterrupted
     from trainer_side.inference_link import InferenceLink, make_consistent
     from trainer_side.loop import TrainingLoop
@@ -287,25 +278,25 @@ async def _serve(args, config, shared, optimizer, store, renderer, checkpoint, s
             progress.on_event(event, store.cursor)
 
     loop = TrainingLoop(
-        shared.model, optimizer, store, lambda: link.open_updates(), state_dir, weights.identity.model, config,
-        publish, tokenizer=renderer.tokenizer,
+        shared.model, optimizer, store, lambda: link.open_updates(), config.state_dir, weights.identity.model,
+        config.loop, publish, tokenizer=renderer.tokenizer,
     )
-    link = InferenceLink(weights, shared, loop, state_dir, attach_again)
+    link = InferenceLink(weights, shared, loop, config.state_dir, lambda: _attach(config, take_over=False))
     if checkpoint is not None:
         loop.restore(checkpoint)
-    make_consistent(loop, weights, checkpoint, state_dir)
+    make_consistent(loop, weights, checkpoint, config.state_dir)
     server = await start_trainer_server(
-        loop, renderer, hub, args.grpc, args.token, link, weights.info.update_mode, limits
+        loop, renderer, hub, config.grpc, config.token, link, weights.info.update_mode, limits
     )
     link.start()
-    if args.metrics_port is not None:
+    if config.metrics_port is not None:
         from trainer_side.metrics import serve_metrics
 
-        port = serve_metrics(args.metrics_port, args.metrics_host, loop, link)
-        log.info("metrics served", url=f"http://{args.metrics_host}:{port}/metrics")
+        port = serve_metrics(config.metrics_port, config.metrics_host, loop, link)
+        log.info("metrics served", url=f"http://{config.metrics_host}:{port}/metrics")
     log.info("trainer ready", step=loop.counters.step, pending=store.pending, trained=store.cursor,
-             optimizer=args.optimizer, state_dir=str(state_dir))
-    if args.autostart:
+             optimizer=config.optimizer, state_dir=str(config.state_dir))
+    if config.autostart:
         loop.start()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
