@@ -1,5 +1,7 @@
 """WeightExportService: validates every request, answers from the workers' exports and the coordinator.
 
+Every refusal is a gRPC status with a stable reason in a google.rpc.ErrorInfo (weightshare/status.py).
+
 Runs in the process that holds vLLM's engine client (the OpenAI server's process, or an `LLM`
 caller). Layout and identity come from each worker through `collective_rpc("weightshare_describe")`
 once at start; handles through `collective_rpc("weightshare_export_handles")` on first request.
@@ -19,6 +21,7 @@ import structlog
 from inference_side.updates import UpdateCoordinator, UpdateError
 from weightshare import CONTRACT_VERSION, shm
 from weightshare.grpc_util import shown
+from weightshare.status import abort, abort_with
 from weightshare.v1 import weight_export_service_pb2 as pb
 from weightshare.v1 import weight_export_service_pb2_grpc as pb_grpc
 
@@ -74,24 +77,26 @@ class WeightExportServicer(pb_grpc.WeightExportServiceServicer):
     # -- validation helpers -------------------------------------------------------------------
     async def _check_rank(self, tp_rank: int, context: grpc.aio.ServicerContext) -> None:
         if tp_rank >= len(self._infos):
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
+            await abort_with(
+                context, grpc.StatusCode.INVALID_ARGUMENT, "TP_RANK_OUT_OF_RANGE",
                 f"tp_rank {tp_rank} is out of range: this engine has tp_size {len(self._infos)}",
+                {"field": "tp_rank"},
             )
 
     async def _check_session(self, session_id: str, context: grpc.aio.ServicerContext) -> _Session:
         if not session_id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_id is empty: call AttachTrainer first")
+            await abort_with(context, grpc.StatusCode.INVALID_ARGUMENT, "SESSION_ID_MISSING",
+                             "session_id is empty: call AttachTrainer first", {"field": "session_id"})
         session = self._sessions.get(session_id)
         if session is None and session_id in self._taken_over:
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
+            await abort_with(
+                context, grpc.StatusCode.FAILED_PRECONDITION, "WRITER_LEASE_LOST",
                 f"session_id {shown(session_id)} lost the writer lease: {self._taken_over[session_id]} took over; "
                 "this trainer no longer writes these weights (attach with take_over to take them back)",
             )
         if session is None:
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND,
+            await abort_with(
+                context, grpc.StatusCode.NOT_FOUND, "SESSION_NOT_ATTACHED",
                 f"session_id {shown(session_id)} is not attached (detached, or the inference side restarted: "
                 f"instance {self.instance_id}); call AttachTrainer again",
             )
@@ -127,9 +132,10 @@ class WeightExportServicer(pb_grpc.WeightExportServiceServicer):
         await self._check_rank(request.tp_rank, context)
         await self._check_session(request.session_id, context)
         if request.batch_size > MAX_HANDLE_BATCH:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
+            await abort_with(
+                context, grpc.StatusCode.INVALID_ARGUMENT, "BATCH_SIZE_TOO_LARGE",
                 f"batch_size {request.batch_size} exceeds {MAX_HANDLE_BATCH}; use 0 for the default",
+                {"field": "batch_size"},
             )
         handles = (await self._all_handles(context))[request.tp_rank]
         batch = request.batch_size or DEFAULT_HANDLE_BATCH
@@ -151,33 +157,37 @@ class WeightExportServicer(pb_grpc.WeightExportServiceServicer):
                 try:
                     blobs = await self._engine.collective_rpc("weightshare_export_handles")
                 except Exception as exc:  # noqa: BLE001 - any worker failure; its message says what to change
-                    await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"export failed: {exc}")
+                    await abort_with(context, grpc.StatusCode.FAILED_PRECONDITION, "EXPORT_FAILED",
+                                     f"export failed: {exc}")
                 self._handles = [pb.StreamHandlesResponse.FromString(b) for b in blobs]
             return self._handles
 
     async def AttachTrainer(self, request, context):
         if not request.trainer_name:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "trainer_name is empty: name the trainer")
+            await abort_with(context, grpc.StatusCode.INVALID_ARGUMENT, "TRAINER_NAME_MISSING",
+                             "trainer_name is empty: name the trainer", {"field": "trainer_name"})
         if len(request.trainer_name) > MAX_TRAINER_NAME:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
+            await abort_with(
+                context, grpc.StatusCode.INVALID_ARGUMENT, "TRAINER_NAME_TOO_LONG",
                 f"trainer_name {shown(request.trainer_name)} is longer than {MAX_TRAINER_NAME} characters",
+                {"field": "trainer_name"},
             )
         if request.host_id != self.host_id:
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
+            await abort_with(
+                context, grpc.StatusCode.FAILED_PRECONDITION, "HOST_MISMATCH",
                 f"host_id {shown(request.host_id)} is not this host ({self.host_id}): weight handles only open "
-                "on the machine that serves the model",
+                "on the machine that serves the model", {"field": "host_id"},
             )
         if request.expected_instance_id and request.expected_instance_id != self.instance_id:
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
+            await abort_with(
+                context, grpc.StatusCode.FAILED_PRECONDITION, "INSTANCE_CHANGED",
                 f"expected_instance_id {shown(request.expected_instance_id)} is stale: the inference side restarted "
-                f"(now {self.instance_id}); drop old handles and attach afresh",
+                f"(now {self.instance_id}); drop old handles and attach afresh", {"field": "expected_instance_id"},
             )
         if request.read_only and request.take_over:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "read_only and take_over are both set: a reader takes no lease"
+            await abort_with(
+                context, grpc.StatusCode.INVALID_ARGUMENT, "READ_ONLY_WITH_TAKE_OVER",
+                "read_only and take_over are both set: a reader takes no lease", {"field": "take_over"},
             )
         self._prune_dead_sessions()
         session = _Session(uuid.uuid4().hex, request.trainer_name, request.pid, time.monotonic(), request.read_only,
@@ -196,8 +206,8 @@ class WeightExportServicer(pb_grpc.WeightExportServiceServicer):
             return
         now = time.monotonic()
         if not take_over:
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
+            await abort_with(
+                context, grpc.StatusCode.FAILED_PRECONDITION, "WRITER_LEASE_HELD",
                 f"{holder.describe(now)} holds the writer lease of this model: stop it first, attach read_only to "
                 "only read, or take over (`weightshare train --take-over`, AttachTrainerRequest.take_over), which "
                 "ends its session",
@@ -223,14 +233,15 @@ class WeightExportServicer(pb_grpc.WeightExportServiceServicer):
         try:
             async for request in request_iterator:
                 if session_id and request.session_id != session_id:
-                    await context.abort(
-                        grpc.StatusCode.INVALID_ARGUMENT,
+                    await abort_with(
+                        context, grpc.StatusCode.INVALID_ARGUMENT, "SESSION_ID_CHANGED",
                         f"session_id {shown(request.session_id)} differs from this stream's {session_id!r}",
+                        {"field": "session_id"},
                     )
                 session = await self._check_session(request.session_id, context)
                 if session.read_only:
-                    await context.abort(
-                        grpc.StatusCode.PERMISSION_DENIED,
+                    await abort_with(
+                        context, grpc.StatusCode.PERMISSION_DENIED, "SESSION_READ_ONLY",
                         f"session_id {session.session_id!r} attached read_only: attach without it to write",
                     )
                 session_id = request.session_id
@@ -261,9 +272,10 @@ class WeightExportServicer(pb_grpc.WeightExportServiceServicer):
                 await self._coordinator.heartbeat(request.session_id, request.heartbeat.step)
                 return None
         except UpdateError as err:
-            await context.abort(getattr(grpc.StatusCode, err.code_name), str(err))
-        await context.abort(
-            grpc.StatusCode.INVALID_ARGUMENT, "UpdateWeightsRequest.action is not set: send begin, commit or abort"
+            await abort(context, err)
+        await abort_with(
+            context, grpc.StatusCode.INVALID_ARGUMENT, "UPDATE_ACTION_MISSING",
+            "UpdateWeightsRequest.action is not set: send begin, commit or abort", {"field": "action"},
         )
 
     async def GetExportStatus(self, request, context):

@@ -29,21 +29,20 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+import grpc
 import structlog
 
 from inference_side.metrics import PAUSE_SECONDS
+from weightshare.status import StatusError
 from weightshare.v1 import weight_export_service_pb2 as pb
 
 log = structlog.get_logger(__name__)
 DEFAULT_MAX_PAUSE_SECONDS = 30.0
 
 
-class UpdateError(Exception):
-    """A request that does not fit the protocol's state; `code_name` is the gRPC status to answer with."""
-
-    def __init__(self, code_name: str, message: str):
-        super().__init__(message)
-        self.code_name = code_name
+class UpdateError(StatusError):
+    """A request that does not fit the protocol's state: `code`, `reason` (weightshare/status.py) and message
+    to answer with."""
 
 
 @dataclass
@@ -98,13 +97,16 @@ class UpdateCoordinator:
     async def begin(self, session_id: str, step: int, max_pause_seconds: float) -> pb.UpdateWeightsResponse:
         if not (math.isfinite(max_pause_seconds) and max_pause_seconds >= 0):
             # NaN would never time out (and spin the watchdog); inf would let a stalled trainer pause forever.
-            raise UpdateError("INVALID_ARGUMENT", f"begin.max_pause_seconds {max_pause_seconds} must be a finite "
-                              "number of seconds >= 0 (0: the server's default)")
+            raise UpdateError(
+                grpc.StatusCode.INVALID_ARGUMENT, "MAX_PAUSE_SECONDS_INVALID",
+                f"begin.max_pause_seconds {max_pause_seconds} must be a finite number of seconds >= 0 (0: the "
+                "server's default)", {"field": "begin.max_pause_seconds"},
+            )
         async with self._lock:
             if self._update is not None:
                 owner = "this session" if self._update.session_id == session_id else "another trainer"
                 raise UpdateError(
-                    "FAILED_PRECONDITION",
+                    grpc.StatusCode.FAILED_PRECONDITION, "UPDATE_ALREADY_OPEN",
                     f"an update (step {self._update.step}) begun by {owner} is still open: commit or abort it",
                 )
             started = time.monotonic()
@@ -183,9 +185,11 @@ class UpdateCoordinator:
 
     def _owned_update(self, session_id: str, action: str) -> _Update:
         if self._update is None:
-            raise UpdateError("FAILED_PRECONDITION", f"{action} without an open update: send begin first")
+            raise UpdateError(grpc.StatusCode.FAILED_PRECONDITION, "UPDATE_NOT_OPEN",
+                              f"{action} without an open update: send begin first")
         if self._update.session_id != session_id:
-            raise UpdateError("FAILED_PRECONDITION", f"{action}: the open update belongs to another trainer")
+            raise UpdateError(grpc.StatusCode.FAILED_PRECONDITION, "UPDATE_OWNED_BY_OTHER_TRAINER",
+                              f"{action}: the open update belongs to another trainer")
         return self._update
 
     async def _abort_locked(

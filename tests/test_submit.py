@@ -304,7 +304,7 @@ class FakeTrainer(pb_grpc.TrainerServiceServicer):
         try:
             rendered = [self.renderer.render(e, i) for i, e in enumerate(request.examples)]
         except ExampleError as err:
-            context.abort(getattr(grpc.StatusCode, err.code_name), str(err))
+            context.abort(err.code, str(err))
         for e in rendered:
             if e.example_id in self.ids:
                 context.abort(grpc.StatusCode.ALREADY_EXISTS, f"example_id {e.example_id!r} was already submitted")

@@ -8,8 +8,8 @@
   against max_seq_len, and only then are the prefixes rendered, as text only: a prefix's token count is
   read off the whole conversation's token offsets (a prefix is tokenized on its own only where its end
   falls inside a token or the tokenizer gives no offsets). Token examples are taken as given. Every
-  problem raises `ExampleError` naming the field and the value (the service turns it into
-  INVALID_ARGUMENT or FAILED_PRECONDITION).
+  problem raises `ExampleError` naming the field and the value, with a stable reason and the field in its
+  metadata (weightshare/status.py; the service answers INVALID_ARGUMENT or FAILED_PRECONDITION with them).
   Text examples (prompt/completion, raw text with a mask) use no chat template: each segment is tokenized
   on its own and the token lists are concatenated, so every token belongs to one segment and the mask is
   exact by construction (tokenizing the whole text would make tokens that straddle a boundary, e.g. a
@@ -25,8 +25,8 @@
   number consumed (the cursor) is saved with each checkpoint, so a restart resumes at that cursor and
   loses nothing (examples consumed after the last checkpoint are trained on again: at least once).
 
-Relies on transformers (tokenizer) and protobuf; no torch. Tests: .venv/bin/python -m pytest
-tests/test_trainer_data.py -q
+Relies on transformers (tokenizer), protobuf and grpc (status codes); no torch. Tests:
+.venv/bin/python -m pytest tests/test_trainer_data.py -q
 """
 
 from __future__ import annotations
@@ -40,9 +40,11 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import structlog
 
 from weightshare.grpc_util import shown
+from weightshare.status import StatusError
 from weightshare.v1 import trainer_service_pb2 as pb
 
 log = structlog.get_logger(__name__)
@@ -56,12 +58,15 @@ TRAINED_FILE = "trained_cursor"  # examples trained into the served weights, rew
 MAX_CHARS_PER_TOKEN = 64
 
 
-class ExampleError(ValueError):
-    """An example the trainer cannot use; `code_name` is the gRPC status code to answer with."""
+class ExampleError(StatusError, ValueError):
+    """An example the trainer cannot use: the message, a stable `reason` (weightshare/status.py), the gRPC
+    `code` to answer with, and the request `field` at fault (in `metadata`) where one is known."""
 
-    def __init__(self, message: str, code_name: str = "INVALID_ARGUMENT"):
-        super().__init__(message)
-        self.code_name = code_name
+    def __init__(
+        self, message: str, *, reason: str, code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT,
+        field: str | None = None,
+    ):
+        super().__init__(code, reason, message, {"field": field} if field else None)
 
 
 @dataclass(frozen=True)
@@ -117,69 +122,80 @@ class Renderer:
             try:
                 ids, mask = self._render_chat(example.chat, where)
             except _TemplateRefused as err:
-                raise ExampleError(f"{where}.chat: the served model's chat template refused these messages: {err}")
+                raise ExampleError(f"{where}.chat: the served model's chat template refused these messages: {err}",
+                                   reason="CHAT_TEMPLATE_REFUSED", field=f"{where}.chat.messages")
         elif kind == "tokens":
             ids, mask = self._check_tokens(example.tokens, where)
         elif kind == "text":
             ids, mask = self._render_text(example.text, where)
         else:
-            raise ExampleError(f"{where}: content is not set: give chat, text or tokens")
+            raise ExampleError(f"{where}: content is not set: give chat, text or tokens",
+                               reason="EXAMPLE_CONTENT_MISSING", field=where)
         if len(ids) > self.max_seq_len:
             raise self._too_long(where, len(ids))
         result = TokenizedExample(example_id, tuple(ids), tuple(mask))
         if result.target_tokens == 0:
-            raise ExampleError(f"{where}: no training target: the loss mask is false past the first token")
+            raise ExampleError(f"{where}: no training target: the loss mask is false past the first token",
+                               reason="NO_TRAINING_TARGET", field=where)
         return result
 
     def _check_tokens(self, tokens: pb.TokenExample, where: str) -> tuple[list[int], list[bool]]:
         ids, mask = list(tokens.input_ids), list(tokens.loss_mask)
         if not ids:
-            raise ExampleError(f"{where}.tokens.input_ids is empty")
+            raise ExampleError(f"{where}.tokens.input_ids is empty", reason="EXAMPLE_FIELD_EMPTY",
+                               field=f"{where}.tokens.input_ids")
         if len(mask) != len(ids):
             raise ExampleError(
-                f"{where}.tokens.loss_mask has {len(mask)} entries but input_ids has {len(ids)}: same length needed"
+                f"{where}.tokens.loss_mask has {len(mask)} entries but input_ids has {len(ids)}: same length needed",
+                reason="LOSS_MASK_LENGTH_MISMATCH", field=f"{where}.tokens.loss_mask",
             )
         for i, token in enumerate(ids):
             if token >= self.vocab_size:
                 raise ExampleError(
-                    f"{where}.tokens.input_ids[{i}] = {token} is not below the vocabulary size {self.vocab_size}"
+                    f"{where}.tokens.input_ids[{i}] = {token} is not below the vocabulary size {self.vocab_size}",
+                    reason="TOKEN_OUT_OF_VOCABULARY", field=f"{where}.tokens.input_ids[{i}]",
                 )
         return ids, mask
 
     def _too_long(self, where: str, tokens: int) -> ExampleError:
         return ExampleError(
             f"{where}: {tokens} tokens is longer than the trainer's max_seq_len {self.max_seq_len}: "
-            "shorten it, or restart `weightshare train` with a larger --max-seq-len"
+            "shorten it, or restart `weightshare train` with a larger --max-seq-len",
+            reason="EXAMPLE_TOO_LONG", field=where,
         )
 
     def _render_text(self, text: pb.TextExample, where: str) -> tuple[list[int], list[bool]]:
         segments = text.segments
         if not segments:
-            raise ExampleError(f"{where}.text.segments is empty")
+            raise ExampleError(f"{where}.text.segments is empty", reason="EXAMPLE_FIELD_EMPTY",
+                               field=f"{where}.text.segments")
         # Cheap bounds before any tokenizing, as for chat: the segment count, then the characters.
         if len(segments) > self.max_seq_len:
             raise ExampleError(
                 f"{where}.text.segments has {len(segments)} segments, more than the trainer's max_seq_len "
                 f"{self.max_seq_len}: shorten it (or join segments), or restart `weightshare train` with a "
-                "larger --max-seq-len"
+                "larger --max-seq-len", reason="EXAMPLE_TOO_LONG", field=f"{where}.text.segments",
             )
         for j, segment in enumerate(segments):
             if not segment.text:
-                raise ExampleError(f"{where}.text.segments[{j}].text is empty: drop the segment")
+                raise ExampleError(f"{where}.text.segments[{j}].text is empty: drop the segment",
+                                   reason="EXAMPLE_FIELD_EMPTY", field=f"{where}.text.segments[{j}].text")
         trained = [j for j, segment in enumerate(segments) if segment.train]
         if not trained:
-            raise ExampleError(f"{where}.text.segments has no segment with train = true: nothing to train on")
+            raise ExampleError(f"{where}.text.segments has no segment with train = true: nothing to train on",
+                               reason="NO_TRAINING_TARGET", field=f"{where}.text.segments")
         chars = sum(len(segment.text) for segment in segments)
         if chars > MAX_CHARS_PER_TOKEN * self.max_seq_len:
             raise ExampleError(
                 f"{where}.text.segments hold {chars} characters, more than {MAX_CHARS_PER_TOKEN} a token of the "
                 f"trainer's max_seq_len {self.max_seq_len} ({MAX_CHARS_PER_TOKEN * self.max_seq_len}): "
-                "shorten it, or restart `weightshare train` with a larger --max-seq-len"
+                "shorten it, or restart `weightshare train` with a larger --max-seq-len",
+                reason="EXAMPLE_TOO_LONG", field=f"{where}.text.segments",
             )
         if self.tokenizer is None:
             raise ExampleError(
                 f"{where}.text: the trainer has no tokenizer for the served model: submit tokens instead",
-                code_name="FAILED_PRECONDITION",
+                reason="TOKENIZER_MISSING", code=grpc.StatusCode.FAILED_PRECONDITION, field=f"{where}.text",
             )
         eos = None
         if text.add_eos:
@@ -188,7 +204,8 @@ class Renderer:
                 raise ExampleError(
                     f"{where}.text.add_eos: the served model's tokenizer has no eos token: set add_eos false "
                     "and end the last segment's text with what should end it",
-                    code_name="FAILED_PRECONDITION",
+                    reason="EOS_TOKEN_MISSING", code=grpc.StatusCode.FAILED_PRECONDITION,
+                    field=f"{where}.text.add_eos",
                 )
         # Each segment on its own (one batched call), never merged across a boundary: the mask is exact.
         pieces = self.tokenizer([segment.text for segment in segments], add_special_tokens=False)["input_ids"]
@@ -209,46 +226,52 @@ class Renderer:
             names = ", ".join(f"segments[{j}]" for j in trained)
             raise ExampleError(
                 f"{where}.text: the trained segments ({names}) give no training target: they tokenize to no "
-                "tokens, or only to the first token, which nothing precedes to predict it from"
+                "tokens, or only to the first token, which nothing precedes to predict it from",
+                reason="NO_TRAINING_TARGET", field=f"{where}.text.segments",
             )
         return ids, mask
 
     def _render_chat(self, chat: pb.ChatExample, where: str) -> tuple[list[int], list[bool]]:
         if not chat.messages:
-            raise ExampleError(f"{where}.chat.messages is empty")
+            raise ExampleError(f"{where}.chat.messages is empty", reason="EXAMPLE_FIELD_EMPTY",
+                               field=f"{where}.chat.messages")
         # Cheap bounds before any rendering. Every chat template wraps each message in at least a role
         # marker or a separator, so each message renders to at least one token.
         if len(chat.messages) > self.max_seq_len:
             raise ExampleError(
                 f"{where}.chat.messages has {len(chat.messages)} messages, more than the trainer's max_seq_len "
                 f"{self.max_seq_len} tokens can hold: shorten it, or restart `weightshare train` with a larger "
-                "--max-seq-len"
+                "--max-seq-len", reason="EXAMPLE_TOO_LONG", field=f"{where}.chat.messages",
             )
         messages = [{"role": m.role, "content": m.content} for m in chat.messages]
         for i, message in enumerate(messages):
             if message["role"] not in ROLES:
                 raise ExampleError(
-                    f"{where}.chat.messages[{i}].role = {shown(message['role'])} is not one of {', '.join(ROLES)}"
+                    f"{where}.chat.messages[{i}].role = {shown(message['role'])} is not one of {', '.join(ROLES)}",
+                    reason="ROLE_INVALID", field=f"{where}.chat.messages[{i}].role",
                 )
         assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         if not assistant_turns:
-            raise ExampleError(f"{where}.chat.messages has no assistant turn: nothing to train on")
+            raise ExampleError(f"{where}.chat.messages has no assistant turn: nothing to train on",
+                               reason="NO_TRAINING_TARGET", field=f"{where}.chat.messages")
         for i in assistant_turns:
             if not messages[i]["content"].strip():
                 raise ExampleError(
-                    f"{where}.chat.messages[{i}].content is empty: an assistant turn must say what to learn"
+                    f"{where}.chat.messages[{i}].content is empty: an assistant turn must say what to learn",
+                    reason="EXAMPLE_FIELD_EMPTY", field=f"{where}.chat.messages[{i}].content",
                 )
         chars = sum(len(m["content"]) for m in messages)
         if chars > MAX_CHARS_PER_TOKEN * self.max_seq_len:
             raise ExampleError(
                 f"{where}.chat.messages hold {chars} characters of content, more than {MAX_CHARS_PER_TOKEN} a token "
                 f"of the trainer's max_seq_len {self.max_seq_len} ({MAX_CHARS_PER_TOKEN * self.max_seq_len}): "
-                "shorten it, or restart `weightshare train` with a larger --max-seq-len"
+                "shorten it, or restart `weightshare train` with a larger --max-seq-len",
+                reason="EXAMPLE_TOO_LONG", field=f"{where}.chat.messages",
             )
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise ExampleError(
                 f"{where}.chat: the served model's tokenizer has no chat template: submit tokens instead",
-                code_name="FAILED_PRECONDITION",
+                reason="CHAT_TEMPLATE_MISSING", code=grpc.StatusCode.FAILED_PRECONDITION, field=f"{where}.chat",
             )
         # One render of the whole conversation, checked against max_seq_len before any prefix is rendered.
         text = self._text(messages, add_generation_prompt=False)
@@ -266,7 +289,8 @@ class Renderer:
                 raise ExampleError(
                     f"{where}.chat: the chat template does not render messages[:{turn + 1}] as a prefix of the "
                     "whole conversation, so assistant tokens cannot be located: submit tokens instead",
-                    code_name="FAILED_PRECONDITION",
+                    reason="CHAT_TEMPLATE_UNSUPPORTED", code=grpc.StatusCode.FAILED_PRECONDITION,
+                    field=f"{where}.chat",
                 )
             for i in range(start, end):
                 mask[i] = True
@@ -399,9 +423,14 @@ class ExampleStore:
             seen = set()
             for i, e in enumerate(examples):
                 if e.example_id in seen:
-                    raise ExampleError(f"examples[{i}].example_id {shown(e.example_id)} appears twice in this request")
+                    raise ExampleError(
+                        f"examples[{i}].example_id {shown(e.example_id)} appears twice in this request",
+                        reason="EXAMPLE_ID_DUPLICATED", field=f"examples[{i}].example_id",
+                    )
                 if e.example_id in self._ids:
-                    raise ExampleError(f"example_id {shown(e.example_id)} was already submitted", "ALREADY_EXISTS")
+                    raise ExampleError(f"example_id {shown(e.example_id)} was already submitted",
+                                       reason="EXAMPLE_ID_EXISTS", code=grpc.StatusCode.ALREADY_EXISTS,
+                                       field=f"examples[{i}].example_id")
                 seen.add(e.example_id)
             self._file.write("".join(e.to_json() + "\n" for e in examples).encode())
             self._file.flush()

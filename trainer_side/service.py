@@ -1,9 +1,10 @@
 """TrainerService (grpc.aio): submit examples, start/stop training, stream progress, status, checkpoints.
 
 The servicer validates at the boundary (INVALID_ARGUMENT naming the field and value, FAILED_PRECONDITION
-when the trainer's state forbids the call, RESOURCE_EXHAUSTED for requests or queues over their bounds)
-and hands the work to `TrainingLoop` and `ExampleStore`, whose blocking calls (fsync, joining the loop,
-writing checkpoints) run in threads so the event loop keeps serving. `ProgressHub` fans progress events
+when the trainer's state forbids the call, RESOURCE_EXHAUSTED for requests or queues over their bounds;
+each with a stable reason in a google.rpc.ErrorInfo, weightshare/status.py) and hands the work to
+`TrainingLoop` and `ExampleStore`, whose blocking calls (fsync, joining the loop, writing checkpoints)
+run in threads so the event loop keeps serving. `ProgressHub` fans progress events
 out to any number of StreamProgress watchers, with a bounded history for late joiners.
 
 Relies on grpc and the trainer's loop and data modules. Started by `weightshare train`.
@@ -26,6 +27,7 @@ from trainer_side.inference_link import InferenceLink
 from trainer_side.loop import TrainingLoop
 from weightshare import grpc_util
 from weightshare.grpc_util import shown
+from weightshare.status import abort, abort_with
 from weightshare.v1 import trainer_service_pb2 as pb
 from weightshare.v1 import trainer_service_pb2_grpc as pb_grpc
 from weightshare.v1 import weight_export_service_pb2 as export_pb
@@ -105,16 +107,18 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
     async def SubmitExamples(self, request: pb.SubmitExamplesRequest, context: grpc.aio.ServicerContext):
         count = len(request.examples)
         if count == 0:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "examples is empty: submit at least one")
+            await abort_with(context, grpc.StatusCode.INVALID_ARGUMENT, "EXAMPLES_EMPTY",
+                             "examples is empty: submit at least one", {"field": "examples"})
         if count > self._limits.max_examples_per_request:
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            await abort_with(
+                context, grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_EXAMPLES",
                 f"{count} examples in one request; at most {self._limits.max_examples_per_request}: split it",
+                {"field": "examples"},
             )
         pending = self._loop.store.pending
         if pending + count > self._limits.max_pending_examples:
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            await abort_with(
+                context, grpc.StatusCode.RESOURCE_EXHAUSTED, "PENDING_EXAMPLES_FULL",
                 f"{pending} examples pending + {count} would exceed max_pending_examples "
                 f"{self._limits.max_pending_examples}: wait for training to catch up",
             )
@@ -123,7 +127,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
                 self.render_pool, self._render_and_store, request.examples
             )
         except ExampleError as err:
-            await context.abort(getattr(grpc.StatusCode, err.code_name), str(err))
+            await abort(context, err)
         return pb.SubmitExamplesResponse(example_ids=ids, pending_examples=pending)
 
     def _render_and_store(self, examples) -> tuple[list[str], int]:
@@ -136,31 +140,38 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         overrides = request.overrides
         mode = overrides.update_mode
         if mode not in export_pb.UpdateMode.values():
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
+            await abort_with(
+                context, grpc.StatusCode.INVALID_ARGUMENT, "UPDATE_MODE_UNKNOWN",
                 f"overrides.update_mode {mode} is not a value of UpdateMode ({sorted(export_pb.UpdateMode.keys())})",
+                {"field": "overrides.update_mode"},
             )
         if mode and mode != self._server_update_mode:
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
+            await abort_with(
+                context, grpc.StatusCode.FAILED_PRECONDITION, "UPDATE_MODE_MISMATCH",
                 f"overrides.update_mode {export_pb.UpdateMode.Name(mode)} differs from the inference side's "
                 f"{export_pb.UpdateMode.Name(self._server_update_mode)}, which decides whether serving pauses: "
-                "restart `weightshare serve` with the other --update-mode",
+                "restart `weightshare serve` with the other --update-mode", {"field": "overrides.update_mode"},
             )
         if overrides.learning_rate < 0 or overrides.learning_rate != overrides.learning_rate:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
+            await abort_with(
+                context, grpc.StatusCode.INVALID_ARGUMENT, "LEARNING_RATE_INVALID",
                 f"overrides.learning_rate {overrides.learning_rate} must be positive (or 0 for the default)",
+                {"field": "overrides.learning_rate"},
             )
         if self._link.permanent:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, self._link.problem)
+            await abort_with(
+                context, grpc.StatusCode.FAILED_PRECONDITION, "INFERENCE_LINK_LOST", self._link.problem
+            )
         async with self._control:
             if self._loop.running:
                 return pb.StartTrainingResponse(already_running=True, step=self._loop.counters.step)
             try:
                 config = self._loop.with_overrides(overrides)
             except ValueError as err:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"overrides: {err}")
+                await abort_with(
+                    context, grpc.StatusCode.INVALID_ARGUMENT, "OVERRIDES_INVALID", f"overrides: {err}",
+                    {"field": "overrides"},
+                )
             already, step = self._loop.start(config)
         return pb.StartTrainingResponse(already_running=already, step=step)
 
@@ -187,18 +198,22 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
     async def SaveCheckpoint(self, request: pb.SaveCheckpointRequest, context: grpc.aio.ServicerContext):
         path = request.path
         if "\x00" in path:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"path {shown(path)} contains a NUL byte")
+            await abort_with(context, grpc.StatusCode.INVALID_ARGUMENT, "CHECKPOINT_PATH_INVALID",
+                             f"path {shown(path)} contains a NUL byte", {"field": "path"})
         if path and not os.path.isabs(path):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"path {shown(path)} must be absolute")
+            await abort_with(context, grpc.StatusCode.INVALID_ARGUMENT, "CHECKPOINT_PATH_INVALID",
+                             f"path {shown(path)} must be absolute", {"field": "path"})
         if path and os.path.exists(path):
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"path {shown(path)} exists: name a new directory")
+            await abort_with(context, grpc.StatusCode.ALREADY_EXISTS, "CHECKPOINT_PATH_EXISTS",
+                             f"path {shown(path)} exists: name a new directory", {"field": "path"})
         async with self._control:
             try:
                 written = await asyncio.to_thread(self._loop.save_checkpoint, path or None)
             except OSError as err:
                 full = _disk_full(err)
-                await context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED if full else grpc.StatusCode.FAILED_PRECONDITION,
+                await abort_with(
+                    context, grpc.StatusCode.RESOURCE_EXHAUSTED if full else grpc.StatusCode.FAILED_PRECONDITION,
+                    "DISK_FULL" if full else "CHECKPOINT_WRITE_FAILED",
                     f"cannot write checkpoint {shown(path) if path else 'in the state directory'}: "
                     f"{shown(str(err), 300)}"
                     + ("; nothing was left half-written: free space and call again" if full else ""),
