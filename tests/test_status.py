@@ -32,7 +32,7 @@ from weightshare.v1 import trainer_service_pb2 as pb
 ROOT = Path(__file__).resolve().parent.parent
 # The modules whose errors reach clients: they raise StatusErrors or abort with a reason.
 SOURCES = ["inference_side/updates.py", "inference_side/servicer.py", "trainer_side/data.py",
-           "trainer_side/service.py"]
+           "trainer_side/service.py", "weightshare/grpc_util.py"]
 SERVICERS = ["inference_side/servicer.py", "trainer_side/service.py"]
 LONG = "é" * 500  # non-ASCII and longer than grpc_util.shown keeps
 LONG_MESSAGE = f"trainer_name {shown(LONG)} is longer than 200 characters"

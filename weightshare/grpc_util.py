@@ -152,8 +152,10 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         self._expected = f"Bearer {token}".encode()
 
         async def deny(request, context: grpc.aio.ServicerContext):
-            await context.abort(
-                grpc.StatusCode.UNAUTHENTICATED,
+            from weightshare.status import abort_with
+
+            await abort_with(
+                context, grpc.StatusCode.UNAUTHENTICATED, "TOKEN_INVALID",
                 "missing or wrong bearer token: send metadata 'authorization: Bearer <token>' "
                 "(the server's --token / WEIGHTSHARE_TOKEN)",
             )

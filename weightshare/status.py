@@ -55,9 +55,9 @@ stable: a reason is never renamed or given another meaning, only added.
 | CHECKPOINT_PATH_EXISTS | ALREADY_EXISTS | SaveCheckpoint path exists: name a new directory |
 | DISK_FULL | RESOURCE_EXHAUSTED | a checkpoint could not be written for lack of space (nothing half-written) |
 | CHECKPOINT_WRITE_FAILED | FAILED_PRECONDITION | a checkpoint could not be written for another OS error |
+| TOKEN_INVALID | UNAUTHENTICATED | a missing or wrong bearer token (`grpc_util.BearerTokenInterceptor`) |
 
-(A missing or wrong bearer token is answered UNAUTHENTICATED by `grpc_util.BearerTokenInterceptor`,
-without details.) tests/test_status.py checks that every reason raised or aborted with in the services
+tests/test_status.py checks that every reason raised or aborted with in the services
 is in this table, with its code.
 """
 
