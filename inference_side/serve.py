@@ -52,17 +52,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="INFO", help="weightshare's log level (default: %(default)s)")
 
 
-def _vllm_server_api():
-    """(api_server module, make_arg_parser, validate_parsed_serve_args) for this vLLM version."""
-    try:  # vLLM >= 0.3x: launchers package
-        from vllm.entrypoints.launchers.api_server import entry as api_server
-        from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
-    except ImportError:  # vLLM 0.26
-        from vllm.entrypoints.openai import api_server
-        from vllm.entrypoints.openai.cli_args import make_arg_parser, validate_parsed_serve_args
-    return api_server, make_arg_parser, validate_parsed_serve_args
-
-
 def _apply_cpu_defaults(args: argparse.Namespace) -> bool:
     """On a CPU: refuse configs vLLM's CPU kernels cannot run, size the KV cache if the user did not."""
     from vllm.platforms import current_platform
@@ -108,40 +97,29 @@ def run(args: argparse.Namespace) -> int:
     check_model_argument(args.model)
     grpc_util.ensure_can_listen(args.grpc)
     grpc_util.refuse_open_exposure(args.grpc, args.token, args.allow_unauthenticated)
-    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
     from inference_side.export_server import start_export_server
-    from weightshare.vllm_compat import ensure_qwen3_5_registered
+    from weightshare import vllm_compat
 
-    cli_env_setup()  # what `vllm serve` does first (multiprocessing method and the like)
-    ensure_qwen3_5_registered()
+    vllm_compat.setup_serve_process()
+    vllm_compat.ensure_qwen3_5_registered()
     if not _apply_cpu_defaults(args):
         return 2
-    api_server, make_arg_parser, validate_parsed_serve_args = _vllm_server_api()
-    vllm_parser = make_arg_parser(FlexibleArgumentParser(prog="weightshare serve (vLLM arguments)"))
-    vllm_args = vllm_parser.parse_args(
-        ["--model", args.model, "--worker-extension-cls", WORKER_EXTENSION, *args.extra_args]
+    vllm_args = vllm_compat.parse_serve_args(
+        ["--model", args.model, "--worker-extension-cls", WORKER_EXTENSION, *args.extra_args],
+        prog="weightshare serve (vLLM arguments)",
     )
-    validate_parsed_serve_args(vllm_args)
     if getattr(vllm_args, "uds", None) is None:  # vLLM's HTTP port: refuse now, not after loading the model
         grpc_util.ensure_can_listen(f"{vllm_args.host or '0.0.0.0'}:{vllm_args.port}", flag="--port")
     mode = pb.UPDATE_MODE_STRICT if args.update_mode == "strict" else pb.UPDATE_MODE_CONCURRENT
-    original_build = api_server.build_async_engine_client
 
     @contextlib.asynccontextmanager
-    async def build_with_export(*a, **kw):
-        # vLLM's run_server looks this name up at call time: wrapping it puts our gRPC service on the
-        # same loop and engine client as the HTTP server, for exactly the engine's lifetime.
-        async with original_build(*a, **kw) as engine_client:
-            export = await start_export_server(engine_client, args.grpc, args.token, mode)
-            try:
-                yield engine_client
-            finally:
-                await export.stop()
+    async def with_export(engine_client):
+        # On the HTTP server's loop and engine client, for exactly the engine's lifetime.
+        export = await start_export_server(engine_client, args.grpc, args.token, mode)
+        try:
+            yield
+        finally:
+            await export.stop()
 
-    api_server.build_async_engine_client = build_with_export
-    import uvloop
-
-    uvloop.run(api_server.run_server(vllm_args))
+    vllm_compat.run_openai_server(vllm_args, with_export)
     return 0

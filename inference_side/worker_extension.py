@@ -20,12 +20,12 @@ import uuid
 import structlog
 
 from inference_side import cpu_repack, cuda_ipc, shm_export
-from inference_side.layout import derive_layout, engine_tensors_to_proto, layout_to_proto
+from inference_side.layout import derive_layout
 from weightshare import shm
 from weightshare.dtypes import to_proto_dtype
 from weightshare.logs import configure_logging_from_env
 from weightshare.v1 import tensors_pb2, weight_export_service_pb2
-from weightshare.vllm_compat import ensure_qwen3_5_registered
+from weightshare.vllm_compat import call_after_cpu_model_load, ensure_qwen3_5_registered
 
 configure_logging_from_env()  # a worker process logs in the format its `weightshare serve` chose
 log = structlog.get_logger(__name__)
@@ -41,24 +41,19 @@ def _is_cpu_platform() -> bool:
     return current_platform.is_cpu()
 
 
+def _move_weights_to_shared_memory(model_runner) -> None:
+    """Re-point every parameter into this worker's shared-memory file; kept on the model runner."""
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    model_runner.weightshare_shared_file = shm_export.move_to_shared_memory(
+        model_runner.get_model(), EXPORT_ID, get_tensor_model_parallel_rank()
+    )
+
+
 def _install_cpu_hooks() -> None:
     """Disable repacking and move weights to shared memory right after `load_model`, before warm-up."""
-    from vllm.distributed import get_tensor_model_parallel_rank
-    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
-
     cpu_repack.install()
-    if getattr(CPUModelRunner.load_model, "weightshare_wrapped", False):
-        return
-    original_load_model = CPUModelRunner.load_model
-
-    def load_model(self, *args, **kwargs):
-        original_load_model(self, *args, **kwargs)
-        self.weightshare_shared_file = shm_export.move_to_shared_memory(
-            self.get_model(), EXPORT_ID, get_tensor_model_parallel_rank()
-        )
-
-    load_model.weightshare_wrapped = True  # type: ignore[attr-defined]
-    CPUModelRunner.load_model = load_model
+    call_after_cpu_model_load(_move_weights_to_shared_memory)
 
 
 ensure_qwen3_5_registered()  # the EngineCore process resolves the model class too
@@ -102,9 +97,7 @@ class WeightShareWorkerExtension:
         # derive_layout also marks weights vLLM repacked or emptied anyway (e.g. AVX512-BF16 conv1d).
         info = weight_export_service_pb2.GetModelInfoResponse(identity=identity)
         layout = weight_export_service_pb2.GetLayoutResponse(
-            parameters=layout_to_proto(parameters),
-            engine_tensors=engine_tensors_to_proto(engine_tensors),
-            instance_id=EXPORT_ID,
+            parameters=parameters, engine_tensors=engine_tensors, instance_id=EXPORT_ID
         )
         return {"info": info.SerializeToString(), "layout": layout.SerializeToString()}
 

@@ -1,6 +1,6 @@
-"""Unit tests of the layout schema's pure parts: TP arithmetic, proto round trip, dtype map. No vLLM start.
+"""Unit tests of the layout schema's pure parts: TP arithmetic, messages on the wire, dtype map (no vLLM).
 
-Relies on inference_side.layout (its pure functions), weightshare.dtypes and the generated stubs.
+Relies on inference_side.layout_tp, inference_side.layout_proto, weightshare.dtypes and the generated stubs.
 The layout of real vLLM models is tested in tests/test_layout_vllm.py.
 
 Run as: .venv/bin/python -m pytest tests/test_layout.py
@@ -9,16 +9,11 @@ Run as: .venv/bin/python -m pytest tests/test_layout.py
 import pytest
 import torch
 
-from inference_side.layout import (
+from inference_side import layout_proto
+from inference_side.layout_tp import (
     Block,
-    EngineSlice,
-    EngineTensorInfo,
-    ParamLayout,
     coalesce,
-    engine_tensors_to_proto,
     group_sub_shards,
-    layout_from_proto,
-    layout_to_proto,
     merged_param_blocks,
     tp_shard,
     vocab_blocks,
@@ -121,7 +116,7 @@ def test_row_parallel_column_block():
 def test_place_row_gives_each_rank_its_column_block(tp_rank, tp_size, split_dim, blocks):
     from types import SimpleNamespace
 
-    from inference_side.layout import _place_row
+    from inference_side.layout_vllm import _place_row
 
     module = SimpleNamespace(tp_rank=tp_rank, tp_size=tp_size)
     placement = _place_row(module, 1, (128, 512))
@@ -131,7 +126,7 @@ def test_place_row_gives_each_rank_its_column_block(tp_rank, tp_size, split_dim,
 def test_place_row_reports_an_uneven_split():
     from types import SimpleNamespace
 
-    from inference_side.layout import _place_row
+    from inference_side.layout_vllm import _place_row
 
     placement = _place_row(SimpleNamespace(tp_rank=0, tp_size=3), 1, (128, 512))
     assert not placement.blocks and "512" in placement.reason
@@ -163,9 +158,11 @@ def test_coalesce_merges_only_continuing_blocks():
     assert coalesce([Block(0, 0, 4), Block(4, 4, 4), Block(10, 8, 2)]) == [Block(0, 0, 8), Block(10, 8, 2)]
 
 
-def test_layout_proto_round_trip():
-    layouts = [
-        ParamLayout(
+def test_layout_messages_survive_the_wire():
+    qkvz = "model.layers.0.linear_attn.in_proj_qkvz.weight"
+    embed = "model.embed_tokens.weight"
+    messages = [
+        layout_proto.parameter_layout(
             hf_name="model.layers.0.linear_attn.in_proj_qkv.weight",
             hf_shape=(512, 256),
             hf_dtype=torch.bfloat16,
@@ -173,15 +170,12 @@ def test_layout_proto_round_trip():
             tp_split_dim=0,
             local_shape=(256, 256),
             local_start=64,
-            slices=[
-                EngineSlice("model.layers.0.linear_attn.in_proj_qkvz.weight", 0, 0, 64, 0),
-                EngineSlice("model.layers.0.linear_attn.in_proj_qkvz.weight", 0, 64, 64, 64),
-                EngineSlice("model.layers.0.linear_attn.in_proj_qkvz.weight", 0, 128, 128, 128),
-            ],
-            zero_copy=False,
+            slices=layout_proto.engine_slices(
+                qkvz, 0, [Block(64, 0, 64), Block(192, 64, 64), Block(384, 128, 128)]
+            ),
             not_zero_copy_reason="not zero-copy, because this rank's shard is 3 separate blocks",
         ),
-        ParamLayout(
+        layout_proto.parameter_layout(
             hf_name="model.layers.0.linear_attn.A_log",
             hf_shape=(4,),
             hf_dtype=torch.bfloat16,
@@ -189,32 +183,45 @@ def test_layout_proto_round_trip():
             tp_split_dim=-1,
             local_shape=(4,),
             local_start=0,
-            slices=[EngineSlice("model.layers.0.linear_attn.A_log", 0, 0, 4, 0)],
-            zero_copy=True,
+            slices=layout_proto.engine_slices("model.layers.0.linear_attn.A_log", 0, [Block(0, 0, 4)]),
+            not_zero_copy_reason="",
         ),
-        ParamLayout(
-            hf_name="lm_head.weight",
+        layout_proto.parameter_layout(
+            hf_name=embed,
             hf_shape=(500, 256),
             hf_dtype=torch.bfloat16,
             engine_dtype=torch.bfloat16,
             tp_split_dim=-1,
             local_shape=(500, 256),
             local_start=0,
-            slices=[EngineSlice("model.embed_tokens.weight", 0, 0, 500, 0)],
-            zero_copy=True,
-            tied_to="model.embed_tokens.weight",
+            slices=layout_proto.engine_slices(embed, 0, [Block(0, 0, 500)]),
+            not_zero_copy_reason="",
         ),
     ]
-    messages = layout_to_proto(layouts)
+    messages.append(layout_proto.tied_layout(messages[2], "lm_head.weight"))
     wire = [tensors_pb2.ParameterLayout.FromString(m.SerializeToString()) for m in messages]
+    assert wire == messages
+    assert [(s.engine_tensor, s.dim, s.start, s.length, s.local_offset) for s in wire[0].slices] == [
+        (qkvz, 0, 0, 64, 0),
+        (qkvz, 0, 64, 64, 64),
+        (qkvz, 0, 128, 128, 128),
+    ]
     assert wire[1].engine_dtype == tensors_pb2.D_TYPE_FLOAT32
+    assert from_proto_dtype(wire[1].hf_dtype) is torch.bfloat16
     assert wire[0].tp_split_dim == 0 and wire[1].tp_split_dim == -1
-    assert layout_from_proto(wire) == layouts
+    assert [m.zero_copy for m in wire] == [False, True, True, True]
+    assert wire[0].not_zero_copy_reason.endswith("3 separate blocks")
+    assert (wire[3].hf_name, wire[3].tied_to, list(wire[3].slices)) == (
+        "lm_head.weight",
+        embed,
+        list(wire[2].slices),
+    )
+    assert not wire[2].tied_to
 
 
-def test_engine_tensors_to_proto():
-    info = EngineTensorInfo("model.embed_tokens.weight", (512, 256), torch.bfloat16, ["a", "b"])
-    (message,) = engine_tensors_to_proto([info])
+def test_engine_tensor_message():
+    message = layout_proto.engine_tensor("model.embed_tokens.weight", (512, 256), torch.bfloat16)
+    message.hf_names.extend(["a", "b"])
     assert message == tensors_pb2.EngineTensor(
         name="model.embed_tokens.weight",
         shape=[512, 256],

@@ -31,7 +31,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from inference_side.layout import EngineTensorInfo, ParamLayout, derive_layout, hf_meta_parameters
+from inference_side.layout import derive_layout, hf_meta_parameters
+from weightshare.dtypes import from_proto_dtype
+from weightshare.v1 import tensors_pb2, weight_export_service_pb2
 
 pytestmark = pytest.mark.vllm
 
@@ -50,8 +52,8 @@ class Served(NamedTuple):
     path: Path
     model: torch.nn.Module  # vLLM's loaded model
     hf_config: object
-    layouts: list[ParamLayout]
-    engine_tensors: list[EngineTensorInfo]
+    layouts: list[tensors_pb2.ParameterLayout]
+    engine_tensors: list[tensors_pb2.EngineTensor]
 
 
 def _with_vocab(src: Path, dst: Path, vocab: int) -> Path:
@@ -132,7 +134,7 @@ def test_zero_copy_slices_equal_checkpoint(served):
         (s,) = lay.slices
         view = engine[s.engine_tensor].narrow(s.dim, s.start, s.length)
         expected = checkpoint[lay.tied_to or lay.hf_name]
-        assert view.shape == expected.shape == lay.local_shape, lay.hf_name
+        assert view.shape == expected.shape == tuple(lay.local_shape), lay.hf_name
         # Bit for bit; a float32 engine tensor (A_log) holds the bf16 checkpoint values exactly.
         assert torch.equal(view, expected.to(view.dtype)), f"{lay.hf_name} differs from {s}"
 
@@ -163,7 +165,8 @@ def test_a_log_is_float32_in_vllm_and_still_zero_copy(served):
     a_logs = [lay for lay in served.layouts if lay.hf_name.endswith(".A_log")]
     assert len(a_logs) == 3  # the three linear-attention layers
     for lay in a_logs:
-        assert (lay.hf_dtype, lay.engine_dtype, lay.zero_copy) == (torch.bfloat16, torch.float32, True)
+        dtypes = from_proto_dtype(lay.hf_dtype), from_proto_dtype(lay.engine_dtype)
+        assert (*dtypes, lay.zero_copy) == (torch.bfloat16, torch.float32, True)
 
 
 @pytest.mark.parametrize("served", ["llama_tied"], indirect=True)
@@ -176,14 +179,18 @@ def test_tied_lm_head_and_vocab_padding(served):
     padded = _engine_params(served)[s.engine_tensor]
     # vLLM pads to a multiple of 64; the padding rows are zero and not part of the HF parameter.
     assert padded.shape[0] == 512 and (s.start, s.length) == (0, TIED_VOCAB)
-    assert embed.local_shape == embed.hf_shape == (TIED_VOCAB, 256)
+    assert tuple(embed.local_shape) == tuple(embed.hf_shape) == (TIED_VOCAB, 256)
     assert not padded[TIED_VOCAB:].any()
     (tensor,) = [t for t in served.engine_tensors if t.name == s.engine_tensor]
-    assert tensor.hf_names == ["model.embed_tokens.weight", "lm_head.weight"]
+    assert list(tensor.hf_names) == ["model.embed_tokens.weight", "lm_head.weight"]
     assert "lm_head.weight" not in {t.name for t in served.engine_tensors}
 
 
-def test_layout_survives_proto(served):
-    from inference_side.layout import layout_from_proto, layout_to_proto
-
-    assert layout_from_proto(layout_to_proto(served.layouts)) == served.layouts
+def test_layout_survives_the_wire(served):
+    # As the worker extension sends it.
+    response = weight_export_service_pb2.GetLayoutResponse(
+        parameters=served.layouts, engine_tensors=served.engine_tensors
+    )
+    wire = weight_export_service_pb2.GetLayoutResponse.FromString(response.SerializeToString())
+    assert list(wire.parameters) == served.layouts
+    assert list(wire.engine_tensors) == served.engine_tensors

