@@ -184,14 +184,8 @@ class Renderer:
         if not trained:
             raise ExampleError(f"{where}.text.segments has no segment with train = true: nothing to train on",
                                reason="NO_TRAINING_TARGET", field=f"{where}.text.segments")
-        chars = sum(len(segment.text) for segment in segments)
-        if chars > MAX_CHARS_PER_TOKEN * self.max_seq_len:
-            raise ExampleError(
-                f"{where}.text.segments hold {chars} characters, more than {MAX_CHARS_PER_TOKEN} a token of the "
-                f"trainer's max_seq_len {self.max_seq_len} ({MAX_CHARS_PER_TOKEN * self.max_seq_len}): "
-                "shorten it, or restart `weightshare train` with a larger --max-seq-len",
-                reason="EXAMPLE_TOO_LONG", field=f"{where}.text.segments",
-            )
+        self._check_characters(sum(len(segment.text) for segment in segments), f"{where}.text.segments",
+                               "characters")
         if self.tokenizer is None:
             raise ExampleError(
                 f"{where}.text: the trainer has no tokenizer for the served model: submit tokens instead",
@@ -260,14 +254,8 @@ class Renderer:
                     f"{where}.chat.messages[{i}].content is empty: an assistant turn must say what to learn",
                     reason="EXAMPLE_FIELD_EMPTY", field=f"{where}.chat.messages[{i}].content",
                 )
-        chars = sum(len(m["content"]) for m in messages)
-        if chars > MAX_CHARS_PER_TOKEN * self.max_seq_len:
-            raise ExampleError(
-                f"{where}.chat.messages hold {chars} characters of content, more than {MAX_CHARS_PER_TOKEN} a token "
-                f"of the trainer's max_seq_len {self.max_seq_len} ({MAX_CHARS_PER_TOKEN * self.max_seq_len}): "
-                "shorten it, or restart `weightshare train` with a larger --max-seq-len",
-                reason="EXAMPLE_TOO_LONG", field=f"{where}.chat.messages",
-            )
+        self._check_characters(sum(len(m["content"]) for m in messages), f"{where}.chat.messages",
+                               "characters of content")
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise ExampleError(
                 f"{where}.chat: the served model's tokenizer has no chat template: submit tokens instead",
@@ -336,6 +324,17 @@ class Renderer:
         ends = [e for _, e in encoding.offsets]
         ordered = all(a <= b for a, b in itertools.pairwise(starts)) and all(a <= b for a, b in itertools.pairwise(ends))
         return (starts, ends) if ordered and all(s <= e for s, e in encoding.offsets) else None
+
+    def _check_characters(self, chars: int, field: str, what: str) -> None:
+        """Refuses more characters than MAX_CHARS_PER_TOKEN per allowed token, before any tokenizing."""
+        limit = MAX_CHARS_PER_TOKEN * self.max_seq_len
+        if chars > limit:
+            raise ExampleError(
+                f"{field} hold {chars} {what}, more than {MAX_CHARS_PER_TOKEN} a token of the trainer's "
+                f"max_seq_len {self.max_seq_len} ({limit}): shorten it, or restart `weightshare train` with a "
+                "larger --max-seq-len",
+                reason="EXAMPLE_TOO_LONG", field=field,
+            )
 
     def _text(self, messages: list[dict], add_generation_prompt: bool) -> str:
         if not messages:
