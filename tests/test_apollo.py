@@ -252,3 +252,45 @@ def test_invalid_settings_are_named(bad: dict, match: str) -> None:
 def test_rank_on_a_vector_is_refused() -> None:
     with pytest.raises(ValueError, match=r"shape \(7,\)"):
         Apollo([{"params": [nn.Parameter(torch.zeros(7))], "rank": 1}])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("weight_decay", [0.0, WEIGHT_DECAY], ids=["no-decay", "decay"])
+def test_batched_mini_step_equals_the_per_matrix_step(dtype: torch.dtype, weight_decay: float) -> None:
+    # step()'s multi-tensor path for tensor-scaled groups against `_update` one matrix at a time, with
+    # matrices that miss gradients on some steps (limiter state for some matrices, not others).
+    batched, single = make_params(dtype), make_params(dtype)
+    opt_batched = Apollo(groups(batched, APOLLO_MINI), lr=LR, weight_decay=weight_decay)
+    opt_single = Apollo(groups(single, APOLLO_MINI), lr=LR, weight_decay=weight_decay, foreach=False)
+    for step in range(STEPS):
+        gen = torch.Generator().manual_seed(step)
+        for i, (a, b) in enumerate(zip(batched, single, strict=True)):
+            grad = None if (step + i) % 4 == 0 else torch.randn(a.shape, generator=gen).to(dtype)
+            a.grad, b.grad = grad, None if grad is None else grad.clone()
+        opt_batched.step()
+        opt_single.step()
+        for a, b in zip(batched, single, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"step {step}")
+    for p_a, p_b in zip(batched, single, strict=True):
+        sa, sb = opt_batched.state[p_a], opt_single.state[p_b]
+        assert sa.keys() == sb.keys()
+        for key, value in sa.items():
+            if isinstance(value, torch.Tensor):
+                torch.testing.assert_close(value, sb[key], rtol=1e-5, atol=1e-7)
+            else:
+                assert value == sb[key]
+    # The batched state saves and resumes like the per-matrix one.
+    buffer = io.BytesIO()
+    torch.save(opt_batched.state_dict(), buffer)
+    buffer.seek(0)
+    opt_batched.load_state_dict(torch.load(buffer))
+
+
+def test_small_projections_are_kept_and_follow_their_seed() -> None:
+    params = make_params()
+    opt = ours(params, APOLLO_MINI)
+    train(params, opt, range(GAP + 1))  # crosses one refresh
+    for p in params[:3]:
+        seed, proj = opt._projections[p]
+        assert seed == opt.state[p]["seed"]
+        assert torch.equal(proj, apollo.projection(seed, tuple(p.shape), 1, p.device))

@@ -13,8 +13,8 @@ Deliberate differences from apollo-torch, none of which changes the math:
 - State is float32 whatever the parameter dtype (apollo-torch keeps moments in the gradient's dtype,
   which loses most of Adam's second moment in bf16); the update is computed in fp32 and rounded once
   into the parameter's dtype.
-- The projection matrix is regenerated from its seed at every step instead of being stored: the same
-  values, no memory. The current seed and the step counter are plain ints in the state, so
+- A large projection matrix is regenerated from its seed at every step instead of being stored (the
+  same values, no memory); a small one (APOLLO-Mini) is kept outside the state, keyed by its seed. The current seed and the step counter are plain ints in the state, so
   `state_dict()` / `load_state_dict()` resume exactly.
 - The norm of the scaled gradient (for the limiter) comes from per-channel norms of the raw gradient
   rather than from a materialised scaled copy, and a parameter is processed in row chunks of at most
@@ -40,6 +40,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from trainer_side import apollo_kernels
+
 # Largest number of elements of a parameter processed at once: bounds each fp32 temporary (a bf16
 # gradient's upcast for the projection, AdamW's denominator, a bf16 parameter's fp32 copy when weight
 # decay follows) to 64 MiB whatever the parameter's size.
@@ -47,6 +49,10 @@ _CHUNK_ELEMS = 1 << 24
 # Added to denominators of norm ratios, as in apollo-torch.
 _NORM_EPS = 1e-8
 _SCALE_TYPES = ("channel", "tensor")
+# Projections of at most this many elements are kept between steps (APOLLO-Mini's are one row or column,
+# a few KB each) instead of being drawn again from their seed at every step; larger ones (APOLLO rank
+# 256: MBs per matrix) are drawn each step, trading a little time for memory.
+_CACHED_PROJECTION_ELEMS = 1 << 16
 
 
 def next_seed(seed: int) -> int:
@@ -110,6 +116,10 @@ class Apollo(torch.optim.Optimizer):
         norm_growth_limit: gamma of the norm-growth limiter (1.01), or None to turn it off.
     `seed` offsets the projection seeds: parameter number i (1-based, over all groups in order) starts
     from seed + i, so seed=0 reproduces apollo-torch.
+    `foreach`: in `step()`, update the small Adam state of all of a group's tensor-scaled (APOLLO-Mini)
+    matrices with a few multi-tensor ops instead of ~20 kernels per matrix. `use_triton`: read each
+    rank-1 gradient once in the first pass (`apollo_kernels`) where it can. Both change speed, not the
+    math (to fp32 rounding).
     """
 
     def __init__(
@@ -125,10 +135,16 @@ class Apollo(torch.optim.Optimizer):
         scale_type: str = "channel",
         norm_growth_limit: float | None = 1.01,
         seed: int = 0,
+        foreach: bool = True,
+        use_triton: bool = True,
     ):
         # Read by add_param_group, which the base constructor calls once per group.
         self._seed = seed
         self._n_params = 0
+        self._foreach = foreach
+        self._use_triton = use_triton
+        # parameter -> (seed, projection) of the small projections kept between steps.
+        self._projections: dict[Tensor, tuple[int, Tensor]] = {}
         defaults = {
             "lr": lr,
             "betas": betas,
@@ -174,14 +190,17 @@ class Apollo(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self._update(p, group)
+            params = [p for p in group["params"] if p.grad is not None]
+            if self._foreach and group["rank"] is not None and group["scale_type"] == "tensor" and params:
+                self._apollo_tensor_step(params, group)
+                continue
+            for p in params:
+                self._update(p, group)
         return loss
 
-    def _update(self, p: Tensor, group: dict[str, Any]) -> None:
-        grad = p.grad
-        if grad.is_sparse:
+    def _begin(self, p: Tensor, group: dict[str, Any]) -> tuple[dict[str, Any], int, float, float]:
+        """Count the step of `p`: (its state, its completed steps before this one, step size, decay)."""
+        if p.grad.is_sparse:
             raise RuntimeError(
                 f"Apollo does not support sparse gradients (parameter of shape {tuple(p.shape)})"
             )
@@ -192,11 +211,88 @@ class Apollo(torch.optim.Optimizer):
         bias_correction1 = 1.0 - beta1 ** (step + 1)
         bias_correction2 = 1.0 - beta2 ** (step + 1)
         step_size = group["lr"] * math.sqrt(bias_correction2) / bias_correction1
-        decay = group["lr"] * group["weight_decay"]
+        return state, step, step_size, group["lr"] * group["weight_decay"]
+
+    def _update(self, p: Tensor, group: dict[str, Any]) -> None:
+        state, step, step_size, decay = self._begin(p, group)
         if group["rank"] is None:
-            _adamw_update(p, grad, state, group, step_size, decay)
-        else:
-            _apollo_update(p, grad, state, group, step, step_size, decay)
+            _adamw_update(p, p.grad, state, group, step_size, decay)
+            return
+        r, channel_sq = self._project(p, state, group, step)
+        factor, per_row = _scale_factor(r, channel_sq, p.shape[0] >= p.shape[1], state, group)
+        _write_scaled(p, p.grad, factor * math.sqrt(group["scale"]), per_row, step_size, decay)
+
+    def _project(
+        self, p: Tensor, state: dict[str, Any], group: dict[str, Any], step: int
+    ) -> tuple[Tensor, Tensor]:
+        """First pass over p's gradient: (R, channel_sq), the projected gradient and channel norms^2."""
+        rank = group["rank"]
+        if step > 0 and step % group["update_proj_gap"] == 0:
+            state["seed"] = next_seed(state["seed"])
+        proj = self._projection(p, state["seed"], rank)
+        if self._use_triton and apollo_kernels.fits(p.grad, rank):
+            return apollo_kernels.project_rank1(p.grad, proj)
+        return _project_in_chunks(p.grad, proj)
+
+    def _projection(self, p: Tensor, seed: int, rank: int) -> Tensor:
+        cached = self._projections.get(p)
+        if cached is not None and cached[0] == seed:
+            return cached[1]
+        proj = projection(seed, tuple(p.shape), rank, p.device)
+        if proj.numel() <= _CACHED_PROJECTION_ELEMS:
+            self._projections[p] = (seed, proj)
+        return proj
+
+    def _apollo_tensor_step(self, params: list[Tensor], group: dict[str, Any]) -> None:
+        """`_update` for a group of tensor-scaled APOLLO matrices, its small Adam state batched.
+
+        The same math as `_update`, in three phases: the first pass over each gradient; the moments,
+        scale factors and norm-growth limiter of all matrices in a handful of multi-tensor ops; then
+        each matrix's one write. Leaves no per-matrix host sync.
+        """
+        beta1, beta2 = group["betas"]
+        states, step_sizes, decays, rs, grad_norms = [], [], [], [], []
+        for p in params:
+            state, step, step_size, decay = self._begin(p, group)
+            r, channel_sq = self._project(p, state, group, step)
+            if "exp_avg" not in state:
+                state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(r), torch.zeros_like(r)
+            states.append(state)
+            step_sizes.append(step_size)
+            decays.append(decay)
+            rs.append(r)
+            grad_norms.append(channel_sq)
+        exp_avgs = [s["exp_avg"] for s in states]
+        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+        torch._foreach_mul_(exp_avgs, beta1)
+        torch._foreach_add_(exp_avgs, rs, alpha=1.0 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, rs, rs, value=1.0 - beta2)
+        denominators = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_add_(denominators, group["eps"])
+        adam_rs = torch._foreach_div(exp_avgs, denominators)
+        # ||G|| of each matrix is the norm of its channel norms.
+        grad_norm = torch.stack(torch._foreach_norm(torch._foreach_sqrt(grad_norms)))
+        factor = torch.stack(torch._foreach_norm(adam_rs)) / (torch.stack(torch._foreach_norm(rs)) + _NORM_EPS)
+        scaled_norm = factor * grad_norm
+        gamma = group["norm_growth_limit"]
+        if gamma is not None:
+            has_previous = [("scaled_grad_norm" in s) for s in states]
+            if any(has_previous):
+                previous = torch.stack(
+                    [s["scaled_grad_norm"] if h else scaled_norm.new_ones(()) for s, h in zip(states, has_previous)]
+                ).reshape(-1)
+                limiter = torch.clamp(scaled_norm / (previous + _NORM_EPS), min=gamma) / gamma
+                if not all(has_previous):
+                    limiter = torch.where(
+                        torch.tensor(has_previous, device=limiter.device), limiter, torch.ones_like(limiter)
+                    )
+                factor, scaled_norm = factor / limiter, scaled_norm / limiter
+            for state, norm in zip(states, scaled_norm.unbind(0)):
+                state["scaled_grad_norm"] = norm
+        coefs = (factor * math.sqrt(group["scale"])).reshape(-1, 1, 1).unbind(0)
+        for p, coef, step_size, decay in zip(params, coefs, step_sizes, decays):
+            _write_scaled(p, p.grad, coef, False, step_size, decay)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load as the base class does, but keep state tensors in float32.
@@ -327,31 +423,22 @@ def _adamw_update(
             target.addcdiv_(m, v.sqrt().add_(group["eps"]), value=-step_size)
 
 
-def _apollo_update(
-    p: Tensor,  # (rows, cols), any float dtype
-    grad: Tensor,  # (rows, cols)
-    state: dict[str, Any],
-    group: dict[str, Any],
-    step: int,
-    step_size: float,
-    decay: float,
-) -> None:
-    """One APOLLO step: project, Adam in the projected space, scale the raw gradient, limit, write."""
-    rows, cols = p.shape
-    rank = group["rank"]
-    # The shorter side is projected away; channels run along the longer side (rows when rows >= cols).
-    by_row = rows >= cols
-    if step > 0 and step % group["update_proj_gap"] == 0:
-        state["seed"] = next_seed(state["seed"])
-    proj = projection(state["seed"], (rows, cols), rank, p.device)
+def _project_in_chunks(grad: Tensor, proj: Tensor) -> tuple[Tensor, Tensor]:
+    """(R, channel_sq) of a (rows, cols) gradient with torch ops, upcasting at most `_CHUNK_ELEMS` at once.
 
-    # Pass 1 over G: the projected gradient R and the squared norm of each channel of G.
+    R is G @ P.T (rows, rank) when rows >= cols, else P.T @ G (rank, cols); channel_sq holds the squared
+    norm of each channel (row, or column) of G.
+    """
+    rows, cols = grad.shape
+    by_row = rows >= cols
     if by_row:
-        r = torch.empty(rows, rank, device=p.device, dtype=torch.float32)  # G @ P.T
-        channel_sq = torch.empty(rows, device=p.device, dtype=torch.float32)
+        rank = proj.shape[0]
+        r = torch.empty(rows, rank, device=grad.device, dtype=torch.float32)
+        channel_sq = torch.empty(rows, device=grad.device, dtype=torch.float32)
     else:
-        r = torch.zeros(rank, cols, device=p.device, dtype=torch.float32)  # P.T @ G, summed over chunks
-        channel_sq = torch.zeros(cols, device=p.device, dtype=torch.float32)
+        rank = proj.shape[1]
+        r = torch.zeros(rank, cols, device=grad.device, dtype=torch.float32)  # summed over chunks
+        channel_sq = torch.zeros(cols, device=grad.device, dtype=torch.float32)
     for chunk in _row_chunks(grad):
         g = grad[chunk].float()
         if by_row:
@@ -360,7 +447,17 @@ def _apollo_update(
         else:
             r.addmm_(proj[chunk].t(), g)
             channel_sq.add_(torch.linalg.vector_norm(g, dim=0).square())
+    return r, channel_sq
 
+
+def _scale_factor(
+    r: Tensor, channel_sq: Tensor, by_row: bool, state: dict[str, Any], group: dict[str, Any]
+) -> tuple[Tensor, bool]:
+    """Adam in projected space, then the gradient's scale factor after the norm-growth limiter.
+
+    `by_row`: the matrix has at least as many rows as columns, so its channels are rows. Returns (factor, per_row): factor is (rows,) or (cols,) for channel scaling, 0-d for tensor
+    scaling; per_row says the channels are rows.
+    """
     if "exp_avg" not in state:
         state["exp_avg"] = torch.zeros_like(r)
         state["exp_avg_sq"] = torch.zeros_like(r)
@@ -392,12 +489,26 @@ def _apollo_update(
             factor = factor / limiter
             scaled_norm = scaled_norm / limiter
         state["scaled_grad_norm"] = scaled_norm
+    return factor, per_row
 
+
+def _write_scaled(
+    p: Tensor,  # (rows, cols), any float dtype
+    grad: Tensor,  # (rows, cols)
+    coef: Tensor,  # fp32: (rows,) when per_row, (cols,) for column channels, else 0-d or (1, 1)
+    per_row: bool,
+    step_size: float,
+    decay: float,
+) -> None:
+    """Second pass over G: p <- (p - step_size * coef * G) * (1 - lr * wd), with no fp32 copy of G."""
     # (rows, 1), (1, cols) or (1, 1). A tensor with dimensions takes part in type promotion, so the
-    # update of a bf16 p below computes in fp32 (a 0-d fp32 factor would be rounded to bf16 first).
-    coef = factor * math.sqrt(group["scale"])
+    # update of a bf16 p below computes in fp32 (a 0-d fp32 coef would be rounded to bf16 first).
     coef = coef.reshape(-1, 1) if per_row else coef.reshape(1, -1)
-    # Pass 2 over G: p <- (p - step_size * coef * G) * (1 - lr * wd), with no fp32 copy of G.
+    if decay == 0.0 or p.dtype == torch.float32:
+        # One kernel over the whole matrix: no fp32 temporary is needed.
+        with _update_target(p, decay) as target:
+            target.addcmul_(grad, coef, value=-step_size)
+        return
     for chunk in _row_chunks(p):
         with _update_target(p[chunk], decay) as target:
             target.addcmul_(grad[chunk], coef[chunk] if per_row else coef, value=-step_size)
