@@ -9,13 +9,16 @@ built in three modules, one per concern, whose public names this module re-expor
 
 Tests: .venv/bin/python -m pytest tests/test_layout.py            (TP arithmetic, messages; no vLLM)
        .venv/bin/python -m pytest -m vllm tests/test_layout_vllm.py (real vLLM, tiny models)
+       .venv/bin/python -m pytest tests/test_layout_tp_vllm.py      (every rank at TP 2 and 4, vLLM's loaders)
 """
 
 from inference_side.layout_tp import (
     Block,
+    check_cover,
     coalesce,
     group_sub_shards,
     merged_param_blocks,
+    replica_ranks,
     tp_shard,
     vocab_blocks,
 )
@@ -24,11 +27,13 @@ from inference_side.layout_vllm import HfParameter, derive_layout, hf_meta_param
 __all__ = [
     "Block",
     "HfParameter",
+    "check_cover",
     "coalesce",
     "derive_layout",
     "group_sub_shards",
     "hf_meta_parameters",
     "merged_param_blocks",
+    "replica_ranks",
     "tp_shard",
     "vocab_blocks",
 ]

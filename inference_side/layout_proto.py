@@ -1,7 +1,8 @@
 """The layout schema as `weightshare.v1` messages: `ParameterLayout`, `EngineSlice`, `EngineTensor`.
 
-Builds the messages from torch dtypes and TP blocks (`inference_side.layout_tp.Block`); a parameter is
-zero-copy exactly when it has no not-zero-copy reason.
+Builds the messages from torch dtypes and TP blocks (`inference_side.layout_tp.Block`: each block's global
+HF row `hf_start` and the TP ranks holding the same rows go on its `EngineSlice`); a parameter is zero-copy
+exactly when it has no not-zero-copy reason.
 
 Tests: .venv/bin/python -m pytest tests/test_layout.py
 """
@@ -19,10 +20,19 @@ if TYPE_CHECKING:
     import torch
 
 
-def engine_slices(engine_tensor: str, dim: int, blocks: Sequence[Block]) -> list[tensors_pb2.EngineSlice]:
-    """One `EngineSlice` of `engine_tensor` per block, each placed after the previous in this rank's shard."""
+def engine_slices(
+    engine_tensor: str,
+    dim: int,
+    blocks: Sequence[Block],
+    replica_ranks: Sequence[Sequence[int]] | None = None,
+) -> list[tensors_pb2.EngineSlice]:
+    """One `EngineSlice` of `engine_tensor` per block, each placed after the previous in this rank's shard
+    and at its `hf_start` in the global HF tensor; `replica_ranks[i]`: the TP ranks holding block i's rows
+    (left empty when not given)."""
+    if replica_ranks is not None and len(replica_ranks) != len(blocks):
+        raise ValueError(f"{len(replica_ranks)} replica rank lists for {len(blocks)} blocks")
     slices, offset = [], 0
-    for b in blocks:
+    for i, b in enumerate(blocks):
         slices.append(
             tensors_pb2.EngineSlice(
                 engine_tensor=engine_tensor,
@@ -30,6 +40,8 @@ def engine_slices(engine_tensor: str, dim: int, blocks: Sequence[Block]) -> list
                 start=b.engine_start,
                 length=b.length,
                 local_offset=offset,
+                hf_start=b.hf_start,
+                replica_ranks=replica_ranks[i] if replica_ranks is not None else (),
             )
         )
         offset += b.length
@@ -48,8 +60,11 @@ def parameter_layout(
     slices: Sequence[tensors_pb2.EngineSlice],
     not_zero_copy_reason: str,
     tied_to: str = "",
+    tp_rank: int = 0,
+    tp_size: int = 1,
 ) -> tensors_pb2.ParameterLayout:
-    """A `ParameterLayout`; `zero_copy` is set when `not_zero_copy_reason` is empty."""
+    """A `ParameterLayout` of TP rank `tp_rank` of `tp_size`; `zero_copy` is set when `not_zero_copy_reason`
+    is empty."""
     return tensors_pb2.ParameterLayout(
         hf_name=hf_name,
         hf_shape=hf_shape,
@@ -62,6 +77,8 @@ def parameter_layout(
         zero_copy=not not_zero_copy_reason,
         not_zero_copy_reason=not_zero_copy_reason,
         tied_to=tied_to,
+        tp_rank=tp_rank,
+        tp_size=tp_size,
     )
 
 

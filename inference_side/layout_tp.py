@@ -3,7 +3,8 @@
 Pure integer arithmetic (no torch, no vLLM) following vLLM's sharding rules in
 `model_executor/layers/linear.py` and `layers/vocab_parallel_embedding.py`.
 
-Tests: .venv/bin/python -m pytest tests/test_layout.py
+Tests: .venv/bin/python -m pytest tests/test_layout.py (arithmetic), tests/test_layout_tp_vllm.py (every rank at
+TP 2 and 4 against the slicing of vLLM's own weight loaders)
 """
 
 from __future__ import annotations
@@ -126,3 +127,32 @@ def group_sub_shards(hf_sizes: Sequence[int], shard_sizes: Sequence[int]) -> lis
     if i != len(shard_sizes):
         raise ValueError(f"sub-shards {list(shard_sizes)} are more than HF parameter sizes {list(hf_sizes)}")
     return groups
+
+
+def check_cover(blocks_by_rank: Sequence[Sequence[Block]], size: int) -> None:
+    """Raise ValueError unless the blocks of all ranks cover HF rows [0, size) exactly once up to replicas.
+
+    `blocks_by_rank[r]` are rank r's blocks. Two blocks of any ranks must hold the same HF rows (replicas)
+    or disjoint rows, and the distinct row ranges must tile [0, size): then every HF row is in exactly one
+    range, which one or more ranks hold.
+    """
+    ranges = sorted({(b.hf_start, b.length) for blocks in blocks_by_rank for b in blocks})
+    end = 0
+    for start, length in ranges:
+        if start != end:
+            what = "overlap" if start < end else "leave out"
+            raise ValueError(f"the ranks' rows {ranges} {what} rows {min(start, end)}:{max(start, end)}")
+        end = start + length
+    if end != size:
+        raise ValueError(f"the ranks' rows {ranges} end at {end}, not at the HF size {size}")
+
+
+def replica_ranks(blocks_by_rank: Sequence[Sequence[Block]], tp_rank: int) -> list[tuple[int, ...]]:
+    """For each block of `tp_rank`: every rank (ascending, `tp_rank` included) with a block of the same HF
+    rows. More than one when the rows are replicated (K/V heads when tp_size > num_kv_heads, parameters
+    TP does not split)."""
+    held = [{(b.hf_start, b.length) for b in blocks} for blocks in blocks_by_rank]
+    return [
+        tuple(r for r, rows in enumerate(held) if (b.hf_start, b.length) in rows)
+        for b in blocks_by_rank[tp_rank]
+    ]

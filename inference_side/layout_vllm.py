@@ -10,15 +10,24 @@ constant: merged sub-shards come from the model class's `packed_modules_mapping`
 shard indices, renames and sub-shard groups from the class's `hf_to_vllm_mapper`. The row arithmetic is
 `inference_side.layout_tp`; vLLM's private attributes and closures are read through `weightshare.vllm_compat`.
 
-Not zero-copy, with the reason: a parameter whose rows are several blocks of the engine tensor (at TP>1,
-Qwen3.5 in_proj_qkv and the GDN conv1d: one block per q / k / v section), weights vLLM emptied or repacked
-on CPU, quantized engine dtypes, parameters vLLM does not hold, and Qwen3-Next's checkpoint-fused
-in_proj_qkvz / in_proj_ba (interleaved per key-head group; not handled). `local_start` and
-`EngineSlice.local_offset` place blocks in this rank's shard; the proto has no field for where each block
-of a multi-block shard sits in the global HF tensor.
+Every TP rank is described: each block (`EngineSlice`) carries where it sits in the global HF tensor
+(`hf_start`: at TP>1 a rank's rows of a merged tensor are several blocks, e.g. Qwen3.5 in_proj_qkv's q, k
+and v rows) and which TP ranks hold the same rows (`replica_ranks`: K/V heads when tp_size > num_kv_heads,
+and every rank for unsplit parameters). The blocks of every rank are computed from the same module
+attributes, and each layout is checked to tile the HF tensor exactly (up to replicas), so a client can
+rebuild each global HF tensor from the layouts of all ranks alone; `EngineSlice.local_offset` places a block
+in this rank's shard.
+
+Not zero-copy, with the reason: a shard whose blocks are not consecutive rows of one engine tensor (none in
+the supported models: at TP>1 Qwen3.5 in_proj_qkv and the GDN conv1d are three blocks in the global HF
+tensor but one range of the engine tensor, so they stay zero-copy), weights vLLM emptied or repacked on CPU,
+quantized engine dtypes, parameters vLLM does not hold, and Qwen3-Next's checkpoint-fused in_proj_qkvz /
+in_proj_ba (interleaved per key-head group; not handled).
 
 Relies on torch and transformers (meta-device HF model); vLLM is imported inside the functions.
-Tests: .venv/bin/python -m pytest -m vllm tests/test_layout_vllm.py (real vLLM at TP=1, tiny models)
+Tests: .venv/bin/python -m pytest -m vllm tests/test_layout_vllm.py (real vLLM engine at TP=1, tiny models)
+       .venv/bin/python -m pytest tests/test_layout_tp_vllm.py (every rank at TP 2 and 4: vLLM's own model
+       classes and weight loaders with vLLM's TP rank / size patched; the global HF tensors rebuilt)
 """
 
 from __future__ import annotations
@@ -29,7 +38,15 @@ from typing import NamedTuple
 import torch
 
 from inference_side import layout_proto
-from inference_side.layout_tp import Block, group_sub_shards, merged_param_blocks, tp_shard, vocab_blocks
+from inference_side.layout_tp import (
+    Block,
+    check_cover,
+    group_sub_shards,
+    merged_param_blocks,
+    replica_ranks,
+    tp_shard,
+    vocab_blocks,
+)
 from weightshare import vllm_compat
 from weightshare.v1 import tensors_pb2
 
@@ -43,8 +60,9 @@ class _Placement(NamedTuple):
 
     split_dim: int  # -1: not split over TP
     dim: int  # dimension the blocks lie along
-    blocks: list[Block]
+    blocks: list[Block]  # this rank's
     reason: str = ""  # set when the arithmetic itself failed
+    replicas: tuple[tuple[int, ...], ...] = ()  # per block: the TP ranks holding the same HF rows
 
 
 class HfParameter(NamedTuple):
@@ -128,8 +146,60 @@ def _global_tp(module: torch.nn.Module) -> tuple[int, int]:
     return get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
 
 
-def _whole(hf_shape: tuple[int, ...]) -> _Placement:
-    return _Placement(-1, 0, [Block(0, 0, hf_shape[0] if hf_shape else 1)])
+def _world_tp(model: torch.nn.Module) -> tuple[int, int]:
+    """(rank, size) of this worker in vLLM's tensor-parallel group; without one (a model built outside an
+    engine), the largest TP size any module of `model` keeps, with that module's rank."""
+    from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+    try:
+        return get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+    except AssertionError:  # parallel_state.py: "tensor model parallel group is not initialized"
+        pass
+    found = [
+        (m.tp_size, m.tp_rank)
+        for m in model.modules()
+        if isinstance(getattr(m, "tp_size", None), int) and isinstance(getattr(m, "tp_rank", None), int)
+    ]
+    size, rank = max(found, default=(1, 0))
+    return rank, size
+
+
+def _placed(
+    split_dim: int,
+    dim: int,
+    hf_shape: tuple[int, ...],
+    blocks_at: Callable[[int], list[Block]],
+    module_tp: tuple[int, int],
+    world: tuple[int, int] | None = None,
+) -> _Placement:
+    """This rank's blocks, from `blocks_at(r)`: the blocks module TP rank r holds (every rank's from the
+    same module attributes, as vLLM builds the module alike on every rank).
+
+    `module_tp`: the module's (tp_rank, tp_size); `world`: this worker's (rank, size) in the TP group (the
+    module's when None). A module with a smaller TP size than the group's (disable_tp: size 1) is held
+    alike by `world size / module size` consecutive ranks. Checks that all ranks' blocks tile the HF
+    dimension exactly (up to replicas) and gives, per block, the TP ranks holding the same rows.
+    """
+    (module_rank, module_size), (world_rank, world_size) = module_tp, world or module_tp
+    if world_size % module_size or world_rank // (world_size // module_size) != module_rank:
+        return _unknown(
+            dim,
+            f"its TP rank {module_rank} of {module_size} does not follow TP group rank {world_rank} of "
+            f"{world_size}",
+        )
+    group = world_size // module_size
+    try:
+        by_module_rank = [blocks_at(r) for r in range(module_size)]
+        by_rank = [by_module_rank[r // group] for r in range(world_size)]
+        check_cover(by_rank, hf_shape[dim] if hf_shape else 1)
+    except ValueError as e:
+        return _unknown(dim, str(e))
+    return _Placement(split_dim, dim, by_rank[world_rank], "", tuple(replica_ranks(by_rank, world_rank)))
+
+
+def _whole(hf_shape: tuple[int, ...], world: tuple[int, int] | None) -> _Placement:
+    """Not split: every rank of the TP group holds the whole parameter."""
+    return _placed(-1, 0, hf_shape, lambda r: [Block(0, 0, hf_shape[0] if hf_shape else 1)], (0, 1), world)
 
 
 def _unknown(dim: int, reason: str) -> _Placement:
@@ -146,6 +216,7 @@ def _place_column(
     merged_name: str,
     sub_index: int | None,
     subs: dict[str, tuple[int, ...]],
+    world: tuple[int, int] | None = None,
 ) -> _Placement:
     """Column-parallel (possibly merged) or replicated linear: rows of each sub-shard (linear.py)."""
     from vllm.model_executor.layers.linear import ReplicatedLinear
@@ -180,25 +251,33 @@ def _place_column(
     if len(group) == 1:
         # The HF size itself: QKV's output_sizes count replicated K/V heads once per rank.
         hf_sizes[group[0]] = hf_shape[out_dim]
-    try:
-        blocks = merged_param_blocks(hf_sizes, local_sizes, group, tp_rank, tp_size)
-    except ValueError as e:
-        return _unknown(out_dim, str(e))
-    return _Placement(out_dim if tp_size > 1 else -1, out_dim, blocks)
+    return _placed(
+        out_dim if tp_size > 1 else -1,
+        out_dim,
+        hf_shape,
+        lambda r: merged_param_blocks(hf_sizes, local_sizes, group, r, tp_size),
+        (tp_rank, tp_size),
+        world,
+    )
 
 
-def _place_row(module: torch.nn.Module, in_dim: int, hf_shape: tuple[int, ...]) -> _Placement:
+def _place_row(
+    module: torch.nn.Module, in_dim: int, hf_shape: tuple[int, ...], world: tuple[int, int] | None = None
+) -> _Placement:
     """Row-parallel linear weight: each rank holds a column block of the HF weight (linear.py)."""
     if module.tp_size == 1:
-        return _whole(hf_shape)
-    try:
-        start, length = tp_shard(hf_shape[in_dim], module.tp_rank, module.tp_size)
-    except ValueError as e:
-        return _unknown(in_dim, str(e))
-    return _Placement(in_dim, in_dim, [Block(start, 0, length)])
+        return _whole(hf_shape, world)
+
+    def blocks_at(r: int) -> list[Block]:
+        start, length = tp_shard(hf_shape[in_dim], r, module.tp_size)
+        return [Block(start, 0, length)]
+
+    return _placed(in_dim, in_dim, hf_shape, blocks_at, (module.tp_rank, module.tp_size), world)
 
 
-def _place_vocab(module: torch.nn.Module, out_dim: int, hf_shape: tuple[int, ...]) -> _Placement:
+def _place_vocab(
+    module: torch.nn.Module, out_dim: int, hf_shape: tuple[int, ...], world: tuple[int, int] | None = None
+) -> _Placement:
     """Embedding / lm_head: this rank's real vocabulary rows, padding excluded
     (vocab_parallel_embedding.py)."""
     if module.num_added_embeddings:
@@ -211,21 +290,37 @@ def _place_vocab(module: torch.nn.Module, out_dim: int, hf_shape: tuple[int, ...
     assert [(b.hf_start, b.hf_start + b.length) for b in blocks] == (
         [(indices.org_vocab_start_index, indices.org_vocab_end_index)] if indices.num_org_elements else []
     ), f"vocab_blocks disagrees with vLLM's shard indices {indices}"
-    return _Placement(out_dim if module.tp_size > 1 else -1, out_dim, blocks)
+    return _placed(
+        out_dim if module.tp_size > 1 else -1,
+        out_dim,
+        hf_shape,
+        lambda r: vocab_blocks(module.org_vocab_size, module.org_vocab_size_padded, r, module.tp_size),
+        (tp_rank, module.tp_size),
+        world,
+    )
 
 
-def _place_other(module: torch.nn.Module, param: torch.Tensor, hf_shape: tuple[int, ...]) -> _Placement:
+def _place_other(
+    module: torch.nn.Module,
+    param: torch.Tensor,
+    hf_shape: tuple[int, ...],
+    world: tuple[int, int] | None = None,
+) -> _Placement:
     """Norms, A_log, dt_bias, row-parallel biases: whole, or split along the one dimension that is 1/tp of
     HF's (model_loader/weight_utils.py sharded_weight_loader)."""
     shape = tuple(param.shape)
     if shape == hf_shape:
-        return _whole(hf_shape)
+        return _whole(hf_shape, world)
     tp_rank, tp_size = _global_tp(module)
     differing = [d for d in range(len(hf_shape)) if len(shape) == len(hf_shape) and shape[d] != hf_shape[d]]
     if len(differing) == 1 and shape[differing[0]] * tp_size == hf_shape[differing[0]]:
         d = differing[0]
-        start, length = tp_shard(hf_shape[d], tp_rank, tp_size)
-        return _Placement(d, d, [Block(start, 0, length)])
+
+        def blocks_at(r: int) -> list[Block]:
+            start, length = tp_shard(hf_shape[d], r, tp_size)
+            return [Block(start, 0, length)]
+
+        return _placed(d, d, hf_shape, blocks_at, (tp_rank, tp_size), world)
     reason = f"engine shape {list(shape)} is neither HF's {list(hf_shape)} nor a 1/{tp_size} shard"
     return _Placement(-1, 0, [], reason)
 
@@ -238,11 +333,13 @@ def _place(
     merged_name: str,
     sub_index: int | None,
     subs: dict[str, tuple[int, ...]],
+    world: tuple[int, int],
 ) -> _Placement:
     """Where this rank's shard of one HF parameter lies in `param`, the engine tensor holding it.
 
     `sub_index`: which of merged module `merged_name`'s HF sub-modules `subs` (name -> HF shape, in
-    `packed_modules_mapping` order) this parameter is; None for an unmerged module.
+    `packed_modules_mapping` order) this parameter is; None for an unmerged module. `world`: this worker's
+    (rank, size) in vLLM's TP group.
     """
     from vllm.model_executor.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
     from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
@@ -250,12 +347,12 @@ def _place(
     # vLLM marks sharded weight dimensions: output_dim (column / vocab rows), input_dim (row-parallel).
     out_dim, in_dim = getattr(param, "output_dim", None), getattr(param, "input_dim", None)
     if isinstance(module, ColumnParallelLinear | ReplicatedLinear) and out_dim is not None:
-        return _place_column(model, module, param, out_dim, hf_shape, merged_name, sub_index, subs)
+        return _place_column(model, module, param, out_dim, hf_shape, merged_name, sub_index, subs, world)
     if isinstance(module, RowParallelLinear) and in_dim is not None:
-        return _place_row(module, in_dim, hf_shape)
+        return _place_row(module, in_dim, hf_shape, world)
     if isinstance(module, VocabParallelEmbedding) and out_dim is not None:
-        return _place_vocab(module, out_dim, hf_shape)
-    return _place_other(module, param, hf_shape)
+        return _place_vocab(module, out_dim, hf_shape, world)
+    return _place_other(module, param, hf_shape, world)
 
 
 def _in_private_format(module: torch.nn.Module, param: torch.Tensor) -> bool:
@@ -314,7 +411,11 @@ def _not_zero_copy_reason(
             f"not zero-copy, because {engine_name} holds {list(local_shape)} of {hf_name}'s {list(hf_shape)} "
             "although it is not split over TP"
         )
-    if len(placement.blocks) > 1:
+    # Several blocks (at TP>1, e.g. in_proj_qkv's q, k, v rows) are one view when they are consecutive in
+    # the engine tensor; their places in the global HF tensor are each slice's hf_start.
+    if any(
+        a.engine_start + a.length != b.engine_start for a, b in zip(placement.blocks, placement.blocks[1:])
+    ):
         rows = ", ".join(f"{b.engine_start}:{b.engine_start + b.length}" for b in placement.blocks)
         return (
             f"not zero-copy, because this rank's shard of {hf_name} is {len(placement.blocks)} separate "
@@ -338,7 +439,9 @@ def _by_hf_spelling(model: torch.nn.Module, engine_names: Iterable[str]) -> dict
     return by_spelling
 
 
-def _not_held_layout(hf: HfParameter, spelled: str | None) -> tensors_pb2.ParameterLayout:
+def _not_held_layout(
+    hf: HfParameter, spelled: str | None, world: tuple[int, int]
+) -> tensors_pb2.ParameterLayout:
     """Layout of an HF parameter no engine tensor holds (`spelled`: its vLLM name, None when dropped)."""
     why = "vLLM's weight mapper drops it" if spelled is None else f"no vLLM parameter is named {spelled}"
     return layout_proto.parameter_layout(
@@ -352,6 +455,8 @@ def _not_held_layout(hf: HfParameter, spelled: str | None) -> tensors_pb2.Parame
         slices=[],
         not_zero_copy_reason=f"not zero-copy, because vLLM does not hold this parameter ({why})",
         tied_to=hf.tied_to,
+        tp_rank=world[0],
+        tp_size=world[1],
     )
 
 
@@ -363,6 +468,7 @@ def _held_layout(
     sub_index: int | None,
     engine_tensor: str,
     hf_shape_by_spelling: dict[str | None, tuple[int, ...]],
+    world: tuple[int, int],
 ) -> tensors_pb2.ParameterLayout:
     """Layout of an HF parameter held by engine parameter `engine_name`, `param` (sub-module `sub_index`
     of it when merged), whose tensor is listed as `engine_tensor` (its first name when tied)."""
@@ -376,9 +482,10 @@ def _held_layout(
             for sub in type(model).packed_modules_mapping[short]
         }
     parent = model.get_submodule(parent_path) if parent_path else None
-    placement = _place(model, module, param, hf.shape, short, sub_index, subs)
+    placement = _place(model, module, param, hf.shape, short, sub_index, subs, world)
     local_shape = list(hf.shape)
-    if placement.blocks and hf.shape:
+    # A split parameter this rank holds no rows of (a vocabulary rank of padding only) has an empty shard.
+    if hf.shape and (placement.blocks or (placement.split_dim >= 0 and not placement.reason)):
         local_shape[placement.dim] = sum(b.length for b in placement.blocks)
     local_shape = tuple(local_shape)
     reason = _not_zero_copy_reason(
@@ -395,9 +502,13 @@ def _held_layout(
         tp_split_dim=placement.split_dim,
         local_shape=local_shape,
         local_start=placement.blocks[0].hf_start if placement.split_dim >= 0 and placement.blocks else 0,
-        slices=layout_proto.engine_slices(engine_tensor, placement.dim, blocks),
+        slices=layout_proto.engine_slices(
+            engine_tensor, placement.dim, blocks, placement.replicas[: len(blocks)]
+        ),
         not_zero_copy_reason=reason,
         tied_to=hf.tied_to,
+        tp_rank=world[0],
+        tp_size=world[1],
     )
 
 
@@ -407,8 +518,10 @@ def derive_layout(
     """Layout of every HF parameter of `hf_config`'s model inside the loaded vLLM `model`, on this rank.
 
     Returns one `ParameterLayout` per HF parameter (tied ones too, in the HF model's order) and one
-    `EngineTensor` per engine parameter (a tied tensor once, under its first name).
+    `EngineTensor` per engine parameter (a tied tensor once, under its first name). At TP>1 each rank's
+    worker calls it on its own model; the layouts of all ranks together rebuild every global HF tensor.
     """
+    world = _world_tp(model)
     engine_params = dict(model.named_parameters(remove_duplicate=False))
     first_name: dict[int, str] = {}
     for name, p in engine_params.items():
@@ -429,12 +542,12 @@ def derive_layout(
             engine_name, sub_index = by_hf_spelling[spelled]
             param = engine_params[engine_name]
             layouts[hf.name] = _held_layout(
-                model, hf, engine_name, param, sub_index, first_name[id(param)], hf_shape_by_spelling
+                model, hf, engine_name, param, sub_index, first_name[id(param)], hf_shape_by_spelling, world
             )
         elif hf.tied_to in layouts:  # vLLM ties by reusing the embedding module: bind the same memory
             layouts[hf.name] = layout_proto.tied_layout(layouts[hf.tied_to], hf.name)
         else:
-            layouts[hf.name] = _not_held_layout(hf, spelled)
+            layouts[hf.name] = _not_held_layout(hf, spelled, world)
 
     # Each engine tensor lists the HF parameters it holds in the order of their rows.
     for layout in sorted(layouts.values(), key=lambda lay: lay.slices[0].start if lay.slices else 0):

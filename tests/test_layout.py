@@ -12,9 +12,11 @@ import torch
 from inference_side import layout_proto
 from inference_side.layout_tp import (
     Block,
+    check_cover,
     coalesce,
     group_sub_shards,
     merged_param_blocks,
+    replica_ranks,
     tp_shard,
     vocab_blocks,
 )
@@ -158,6 +160,49 @@ def test_coalesce_merges_only_continuing_blocks():
     assert coalesce([Block(0, 0, 4), Block(4, 4, 4), Block(10, 8, 2)]) == [Block(0, 0, 8), Block(10, 8, 2)]
 
 
+def test_replica_ranks_name_every_rank_holding_the_same_rows():
+    # K of 2 KV heads at TP=4 (ranks 0,1 hold head 0; 2,3 head 1) and q, split without replicas.
+    k = [merged_param_blocks([Q, K, V], [64, 64, 64], [1], r, 4) for r in range(4)]
+    assert [replica_ranks(k, r) for r in range(4)] == [[(0, 1)], [(0, 1)], [(2, 3)], [(2, 3)]]
+    q = [merged_param_blocks([Q, K, V], [64, 64, 64], [0], r, 4) for r in range(4)]
+    assert [replica_ranks(q, r) for r in range(4)] == [[(0,)], [(1,)], [(2,)], [(3,)]]
+    whole = [[Block(0, 0, 8)]] * 3
+    assert replica_ranks(whole, 1) == [(0, 1, 2)]
+
+
+def test_check_cover_accepts_tilings_up_to_replicas():
+    kd, vd = 128, 256
+    sizes = [kd, kd, vd, vd]
+    local = [s // 2 for s in sizes]
+    qkv = [merged_param_blocks(sizes, local, [0, 1, 2], r, 2) for r in range(2)]
+    check_cover(qkv, 2 * kd + vd)
+    check_cover([merged_param_blocks([Q, K, V], [64, 64, 64], [1], r, 4) for r in range(4)], K)
+    check_cover([vocab_blocks(130, 192, r, 4) for r in range(4)], 130)
+
+
+@pytest.mark.parametrize(
+    ("blocks_by_rank", "message"),
+    [
+        ([[Block(0, 0, 4)], [Block(5, 0, 3)]], "leave out rows 4:5"),
+        ([[Block(0, 0, 4)], [Block(2, 0, 6)]], "overlap rows 2:4"),
+        ([[Block(0, 0, 4)], [Block(4, 0, 3)]], "end at 7, not at the HF size 8"),
+    ],
+)
+def test_check_cover_rejects_gaps_overlaps_and_short_covers(blocks_by_rank, message):
+    with pytest.raises(ValueError, match=message):
+        check_cover(blocks_by_rank, 8)
+
+
+def test_engine_slices_place_blocks_globally():
+    slices = layout_proto.engine_slices("t", 0, [Block(64, 0, 64), Block(192, 64, 64)], [(1,), (0, 1)])
+    assert [(s.hf_start, s.local_offset, list(s.replica_ranks)) for s in slices] == [
+        (64, 0, [1]),
+        (192, 64, [0, 1]),
+    ]
+    with pytest.raises(ValueError, match="1 replica rank lists for 2 blocks"):
+        layout_proto.engine_slices("t", 0, [Block(0, 0, 1), Block(1, 1, 1)], [(0,)])
+
+
 def test_layout_messages_survive_the_wire():
     qkvz = "model.layers.0.linear_attn.in_proj_qkvz.weight"
     embed = "model.embed_tokens.weight"
@@ -206,6 +251,7 @@ def test_layout_messages_survive_the_wire():
         (qkvz, 0, 64, 64, 64),
         (qkvz, 0, 128, 128, 128),
     ]
+    assert [s.hf_start for s in wire[0].slices] == [64, 192, 384]
     assert wire[1].engine_dtype == tensors_pb2.D_TYPE_FLOAT32
     assert from_proto_dtype(wire[1].hf_dtype) is torch.bfloat16
     assert wire[0].tp_split_dim == 0 and wire[1].tp_split_dim == -1

@@ -118,6 +118,11 @@ def test_every_hf_parameter_described_once(served):
     listed = Counter(t.name for t in served.engine_tensors)
     assert max(listed.values()) == 1
     assert {s.engine_tensor for lay in served.layouts for s in lay.slices} <= set(listed)
+    # TP=1: one rank, which alone holds every slice, each at the start of its HF tensor.
+    assert all((lay.tp_rank, lay.tp_size) == (0, 1) for lay in served.layouts)
+    for lay in served.layouts:
+        for s in lay.slices:
+            assert (s.HasField("hf_start"), s.hf_start, list(s.replica_ranks)) == (True, 0, [0]), lay.hf_name
 
 
 def test_zero_copy_slices_equal_checkpoint(served):

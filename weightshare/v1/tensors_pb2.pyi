@@ -68,21 +68,25 @@ class ModelIdentity(_message.Message):
     def __init__(self, architecture: _Optional[str] = ..., hf_config_json: _Optional[str] = ..., model: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., device_kind: _Optional[_Union[DeviceKind, str]] = ..., device_uuid: _Optional[str] = ..., host_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., weights_version: _Optional[int] = ..., engine_version: _Optional[str] = ...) -> None: ...
 
 class EngineSlice(_message.Message):
-    __slots__ = ("engine_tensor", "dim", "start", "length", "local_offset")
+    __slots__ = ("engine_tensor", "dim", "start", "length", "local_offset", "hf_start", "replica_ranks")
     ENGINE_TENSOR_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     LOCAL_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    HF_START_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_RANKS_FIELD_NUMBER: _ClassVar[int]
     engine_tensor: str
     dim: int
     start: int
     length: int
     local_offset: int
-    def __init__(self, engine_tensor: _Optional[str] = ..., dim: _Optional[int] = ..., start: _Optional[int] = ..., length: _Optional[int] = ..., local_offset: _Optional[int] = ...) -> None: ...
+    hf_start: int
+    replica_ranks: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, engine_tensor: _Optional[str] = ..., dim: _Optional[int] = ..., start: _Optional[int] = ..., length: _Optional[int] = ..., local_offset: _Optional[int] = ..., hf_start: _Optional[int] = ..., replica_ranks: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ParameterLayout(_message.Message):
-    __slots__ = ("hf_name", "hf_shape", "hf_dtype", "engine_dtype", "tp_split_dim", "local_shape", "local_start", "slices", "zero_copy", "not_zero_copy_reason", "tied_to")
+    __slots__ = ("hf_name", "hf_shape", "hf_dtype", "engine_dtype", "tp_split_dim", "local_shape", "local_start", "slices", "zero_copy", "not_zero_copy_reason", "tied_to", "tp_rank", "tp_size")
     HF_NAME_FIELD_NUMBER: _ClassVar[int]
     HF_SHAPE_FIELD_NUMBER: _ClassVar[int]
     HF_DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +98,8 @@ class ParameterLayout(_message.Message):
     ZERO_COPY_FIELD_NUMBER: _ClassVar[int]
     NOT_ZERO_COPY_REASON_FIELD_NUMBER: _ClassVar[int]
     TIED_TO_FIELD_NUMBER: _ClassVar[int]
+    TP_RANK_FIELD_NUMBER: _ClassVar[int]
+    TP_SIZE_FIELD_NUMBER: _ClassVar[int]
     hf_name: str
     hf_shape: _containers.RepeatedScalarFieldContainer[int]
     hf_dtype: DType
@@ -105,7 +111,9 @@ class ParameterLayout(_message.Message):
     zero_copy: bool
     not_zero_copy_reason: str
     tied_to: str
-    def __init__(self, hf_name: _Optional[str] = ..., hf_shape: _Optional[_Iterable[int]] = ..., hf_dtype: _Optional[_Union[DType, str]] = ..., engine_dtype: _Optional[_Union[DType, str]] = ..., tp_split_dim: _Optional[int] = ..., local_shape: _Optional[_Iterable[int]] = ..., local_start: _Optional[int] = ..., slices: _Optional[_Iterable[_Union[EngineSlice, _Mapping]]] = ..., zero_copy: _Optional[bool] = ..., not_zero_copy_reason: _Optional[str] = ..., tied_to: _Optional[str] = ...) -> None: ...
+    tp_rank: int
+    tp_size: int
+    def __init__(self, hf_name: _Optional[str] = ..., hf_shape: _Optional[_Iterable[int]] = ..., hf_dtype: _Optional[_Union[DType, str]] = ..., engine_dtype: _Optional[_Union[DType, str]] = ..., tp_split_dim: _Optional[int] = ..., local_shape: _Optional[_Iterable[int]] = ..., local_start: _Optional[int] = ..., slices: _Optional[_Iterable[_Union[EngineSlice, _Mapping]]] = ..., zero_copy: _Optional[bool] = ..., not_zero_copy_reason: _Optional[str] = ..., tied_to: _Optional[str] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ...) -> None: ...
 
 class EngineTensor(_message.Message):
     __slots__ = ("name", "shape", "dtype", "hf_names")
