@@ -2,7 +2,8 @@
 
 On CPU machines the kernels run under Triton's interpreter (TRITON_INTERPRET=1, read when Triton
 compiles, hence a subprocess); on a CUDA machine they also run compiled. Each compares Apollo with
-`use_triton` on and off, step by step, on both matrix orientations and on non-contiguous gradients.
+`use_triton` on and off, step by step, on both matrix orientations and on non-contiguous gradients and
+parameters. Bit-exact bf16 agreement is checked only compiled: the interpreter truncates fp32 to bf16.
 Run as: .venv/bin/python -m pytest tests/test_apollo_kernels.py -q
 """
 
@@ -43,6 +44,17 @@ CHECK = textwrap.dedent(
                 want_sq = gf.square().sum(1 if by_row else 0)
                 torch.testing.assert_close(r, want_r, rtol=1e-4, atol=1e-4)
                 torch.testing.assert_close(sq, want_sq, rtol=1e-4, atol=1e-4)
+        # The update kernel with per-row, per-column and one coefficient, with decay, on a strided view.
+        for coef_shape in ((1, 1), (shapes[0][0], 1), (1, shapes[0][1])):
+            base = torch.randn(shapes[0][0], shapes[0][1] + 3, generator=gen).to(device, dtype)
+            p = base[:, 1:-2]
+            grad = torch.randn(p.shape, generator=gen).to(device, dtype)
+            coef = torch.rand(coef_shape, generator=gen).to(device)
+            want = ((p.float() - 0.01 * coef * grad.float()) * (1 - 0.001)).to(dtype)
+            assert apollo_kernels.fits_update(p, grad)
+            apollo_kernels.apply_update(p, grad, coef, 0.01, 0.001)
+            torch.testing.assert_close(p, want)  # the kernel may fuse to an FMA: rounding, not math
+            assert torch.equal(base[:, :1], base[:, :1]) and base[:, -2:].isfinite().all()
         # Whole optimizer steps, kernels on and off.
         runs = []
         for use_triton in (True, False):
@@ -58,8 +70,12 @@ CHECK = textwrap.dedent(
             runs.append(params)
         tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 0.0, "atol": 0.0}
         for a, b in zip(*runs):
-            # bf16: the fp32 update must round to the same bf16 value almost everywhere.
-            if dtype == torch.bfloat16:
+            # bf16: the fp32 update must round to the same bf16 value almost everywhere. Triton's
+            # interpreter truncates fp32 to bf16 where compiled code rounds to nearest: up to one ulp
+            # per step there (the fp32 runs above check the math exactly).
+            if dtype == torch.bfloat16 and device == "cpu":
+                torch.testing.assert_close(a, b, rtol=3 * 2**-7, atol=0.1)
+            elif dtype == torch.bfloat16:
                 assert (a != b).float().mean() < 1e-3, (a != b).float().mean()
             else:
                 torch.testing.assert_close(a, b, **tol)
@@ -70,12 +86,15 @@ CHECK = textwrap.dedent(
 
 def run_check(device: str, interpret: bool) -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1" if interpret else "0"}
-    done = subprocess.run(
+    done = subprocess.run(  # noqa: PLW1510 (the return code is asserted below, with the output)
         [sys.executable, "-c", CHECK, device], env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0 and "kernels agree" in done.stdout, done.stdout + done.stderr
 
 
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="a CUDA machine runs the compiled kernels (Triton 3.6's interpreter fails there)"
+)
 def test_kernels_match_the_torch_path_interpreted_on_cpu() -> None:
     run_check("cpu", interpret=True)
 

@@ -220,7 +220,8 @@ class Apollo(torch.optim.Optimizer):
             return
         r, channel_sq = self._project(p, state, group, step)
         factor, per_row = _scale_factor(r, channel_sq, p.shape[0] >= p.shape[1], state, group)
-        _write_scaled(p, p.grad, factor * math.sqrt(group["scale"]), per_row, step_size, decay)
+        coef = factor * math.sqrt(group["scale"])
+        _write_scaled(p, p.grad, coef, per_row, step_size, decay, self._use_triton)
 
     def _project(
         self, p: Tensor, state: dict[str, Any], group: dict[str, Any], step: int
@@ -292,7 +293,7 @@ class Apollo(torch.optim.Optimizer):
                 state["scaled_grad_norm"] = norm
         coefs = (factor * math.sqrt(group["scale"])).reshape(-1, 1, 1).unbind(0)
         for p, coef, step_size, decay in zip(params, coefs, step_sizes, decays):
-            _write_scaled(p, p.grad, coef, False, step_size, decay)
+            _write_scaled(p, p.grad, coef, False, step_size, decay, self._use_triton)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load as the base class does, but keep state tensors in float32.
@@ -499,11 +500,15 @@ def _write_scaled(
     per_row: bool,
     step_size: float,
     decay: float,
+    use_triton: bool,
 ) -> None:
     """Second pass over G: p <- (p - step_size * coef * G) * (1 - lr * wd), with no fp32 copy of G."""
     # (rows, 1), (1, cols) or (1, 1). A tensor with dimensions takes part in type promotion, so the
     # update of a bf16 p below computes in fp32 (a 0-d fp32 coef would be rounded to bf16 first).
     coef = coef.reshape(-1, 1) if per_row else coef.reshape(1, -1)
+    if use_triton and apollo_kernels.fits_update(p, grad):
+        apollo_kernels.apply_update(p, grad, coef, step_size, decay)
+        return
     if decay == 0.0 or p.dtype == torch.float32:
         # One kernel over the whole matrix: no fp32 temporary is needed.
         with _update_target(p, decay) as target:

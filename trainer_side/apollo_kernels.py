@@ -6,7 +6,9 @@ chunks and read three times (copy, matmul, norm). These Triton kernels read each
 once, accumulate both reductions in fp32 registers, and write only the small results, so the optimizer
 step approaches its memory floor (reading G twice in all and reading and writing the parameter once).
 
-Used for rank 1 on CUDA (`fits`); everything else takes the torch path in `apollo.py`. The kernels also
+Used for rank 1 on CUDA (`fits`); everything else takes the torch path in `apollo.py`. The second pass,
+`apply_update`, is a kernel too: torch's mixed-dtype addcmul_ (bf16 weights, fp32 coefficient) runs at a
+quarter of the bandwidth. The kernels also
 run under Triton's interpreter (TRITON_INTERPRET=1) on CPU tensors, which is how CPU machines test them.
 
 Tests: .venv/bin/python -m pytest tests/test_apollo_kernels.py
@@ -28,9 +30,13 @@ except ImportError:  # CPU installs without Triton: `fits` is then always False.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # Rows of G per program of the row kernel, and columns per loop iteration.
 _ROWS_BLOCK_R, _ROWS_BLOCK_C = 4, 512
-# Column kernel: columns per program, rows per loop iteration, rows per program (the partial sums of
-# each program's rows are added afterwards, so short-and-wide matrices still fill the GPU).
-_COLS_BLOCK_C, _COLS_BLOCK_R, _COLS_ROWS_PER_PROGRAM = 256, 16, 512
+# Column kernel: columns per program and rows per loop iteration. Each program sums a run of rows and
+# the runs' partial sums are added afterwards, with enough runs for about `_TARGET_PROGRAMS` programs,
+# so short-and-wide matrices still fill the GPU.
+_COLS_BLOCK_C, _COLS_BLOCK_R = 1024, 2
+_TARGET_PROGRAMS = 2048
+# Elements of the parameter per program of the update kernel.
+_UPDATE_BLOCK = 4096
 
 
 def fits(grad: Tensor, rank: int) -> bool:
@@ -41,6 +47,18 @@ def fits(grad: Tensor, rank: int) -> bool:
         and grad.dim() == 2
         and grad.dtype in (torch.float32, torch.bfloat16, torch.float16)
         and (grad.is_cuda or _INTERPRETED)
+    )
+
+
+def fits_update(p: Tensor, grad: Tensor) -> bool:
+    """Whether `apply_update` handles this 2-D parameter and gradient (any rank, on CUDA or interpreted)."""
+    return (
+        triton is not None
+        and p.dim() == 2
+        and p.shape == grad.shape
+        and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and grad.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and (p.is_cuda or _INTERPRETED)
     )
 
 
@@ -70,10 +88,13 @@ def project_rank1(grad: Tensor, proj: Tensor) -> tuple[Tensor, Tensor]:
             BLOCK_C=_ROWS_BLOCK_C,
         )
         return r.reshape(rows, 1), sq
-    splits = triton.cdiv(rows, _COLS_ROWS_PER_PROGRAM)
+    col_blocks = triton.cdiv(cols, _COLS_BLOCK_C)
+    splits = max(1, min(triton.cdiv(_TARGET_PROGRAMS, col_blocks), triton.cdiv(rows, _COLS_BLOCK_R)))
+    rows_per_program = triton.cdiv(triton.cdiv(rows, splits), _COLS_BLOCK_R) * _COLS_BLOCK_R
+    splits = triton.cdiv(rows, rows_per_program)
     r_parts = torch.empty(splits, cols, device=grad.device, dtype=torch.float32)
     sq_parts = torch.empty(splits, cols, device=grad.device, dtype=torch.float32)
-    grid = (triton.cdiv(cols, _COLS_BLOCK_C), splits)
+    grid = (col_blocks, splits)
     _cols_kernel[grid](
         grad,
         p,
@@ -83,7 +104,7 @@ def project_rank1(grad: Tensor, proj: Tensor) -> tuple[Tensor, Tensor]:
         cols,
         grad.stride(0),
         grad.stride(1),
-        ROWS_PER_PROGRAM=_COLS_ROWS_PER_PROGRAM,
+        rows_per_program,
         BLOCK_R=_COLS_BLOCK_R,
         BLOCK_C=_COLS_BLOCK_C,
     )
@@ -92,7 +113,63 @@ def project_rank1(grad: Tensor, proj: Tensor) -> tuple[Tensor, Tensor]:
     return r_parts.sum(0, keepdim=True), sq_parts.sum(0)
 
 
+def apply_update(p: Tensor, grad: Tensor, coef: Tensor, step_size: float, decay: float) -> None:
+    """p <- (p - step_size * coef * G) * (1 - decay), computed in fp32 and rounded once into p.
+
+    `coef` is fp32 and broadcasts to p: (1, 1), (rows, 1) or (1, cols). It stays on the device (no host
+    sync), and the kernel reads p and G once and writes p once. Torch's addcmul_ with a bf16 p and G and
+    an fp32 coefficient takes its slow mixed-dtype path (4x this kernel on an H200).
+    """
+    rows, cols = p.shape
+    grid = (triton.cdiv(rows * cols, _UPDATE_BLOCK),)
+    coef = coef.expand(rows, cols)
+    _update_kernel[grid](
+        p,
+        grad,
+        coef,
+        rows,
+        cols,
+        p.stride(0),
+        p.stride(1),
+        grad.stride(0),
+        grad.stride(1),
+        coef.stride(0),
+        coef.stride(1),
+        -step_size,
+        1.0 - decay,
+        BLOCK=_UPDATE_BLOCK,
+    )
+
+
 if triton is not None:
+
+    @triton.jit
+    def _update_kernel(
+        p_ptr,
+        g_ptr,
+        coef_ptr,
+        n_rows,
+        n_cols,
+        p_stride_r,
+        p_stride_c,
+        g_stride_r,
+        g_stride_c,
+        coef_stride_r,
+        coef_stride_c,
+        neg_step_size,
+        keep,
+        BLOCK: tl.constexpr,
+    ):
+        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < n_rows * n_cols
+        rows = offsets // n_cols
+        cols = offsets % n_cols
+        p_at = p_ptr + rows * p_stride_r + cols * p_stride_c
+        p = tl.load(p_at, mask=mask, other=0.0)
+        g = tl.load(g_ptr + rows * g_stride_r + cols * g_stride_c, mask=mask, other=0.0).to(tl.float32)
+        coef = tl.load(coef_ptr + rows * coef_stride_r + cols * coef_stride_c, mask=mask, other=0.0)
+        updated = (p.to(tl.float32) + neg_step_size * coef * g) * keep
+        tl.store(p_at, updated.to(p.dtype), mask=mask)
 
     @triton.jit
     def _rows_kernel(
@@ -136,7 +213,7 @@ if triton is not None:
         n_cols,
         stride_r,
         stride_c,
-        ROWS_PER_PROGRAM: tl.constexpr,
+        rows_per_program,
         BLOCK_R: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):
@@ -146,8 +223,8 @@ if triton is not None:
         split = tl.program_id(1)
         acc_r = tl.zeros((BLOCK_C,), dtype=tl.float32)
         acc_sq = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        for offset in range(0, ROWS_PER_PROGRAM, BLOCK_R):
-            rows = split * ROWS_PER_PROGRAM + offset + tl.arange(0, BLOCK_R)
+        for offset in range(0, rows_per_program, BLOCK_R):
+            rows = split * rows_per_program + offset + tl.arange(0, BLOCK_R)
             row_mask = rows < n_rows
             g = tl.load(
                 g_ptr + rows.to(tl.int64)[:, None] * stride_r + col_offsets,
