@@ -14,7 +14,7 @@ results="$OUT/gpu-$card"
 echo "card: $(python -c 'import torch; print(torch.cuda.get_device_name(0))'), ${card_gb} GiB"
 case "${1:?which experiment}" in
   kernels)
-    python -m pytest tests/test_apollo_kernels.py -q -p no:cacheprovider 2>&1 | tail -3
+    python -m pytest tests/test_apollo_kernels.py -q -p no:cacheprovider 2>&1 | tail -15 || echo "kernel tests FAILED"
     python benchmarks/bench_optimizer.py --size large --dtype bfloat16 --out "$results"
     layers=()
     (( card_gb < 120 )) && layers=(--layers 24)  # params + grads of all 64 layers need ~108 GB
