@@ -13,9 +13,10 @@ about each (prevented here; nothing is left to re-derive at commit):
   speed (benchmarks/bench_cpu_conv.py), so packing is prevented and the module's two conv wrappers
   are given the unpacked view. The weight stays the parameter, in HF's shape, in shared memory.
 
-Callers import the dispatch from its module at call time (`linear.py`, `vocab_parallel_embedding.py`)
-and `gdn_attention.py` looks its wrappers up as module globals, so replacing module attributes before
-the model loads is enough; the worker extension calls `install()` at import.
+Where vLLM keeps the dispatch and the conv wrappers, and in which versions, is known to
+`weightshare/vllm_compat.py` (`replace_cpu_gemm_dispatch`, `wrap_cpu_gdn_conv`); this module decides what
+replaces them. Replacing them before the model loads is enough; the worker extension calls `install()`
+at import.
 
 If a vLLM release lacks the conv wrappers, the conv weight is left to vLLM (packed), and the layout
 reports it as not zero-copy (its values are then read from the checkpoint by the trainer and frozen).
@@ -24,6 +25,8 @@ reports it as not zero-copy (its values are then read from the checkpoint by the
 from __future__ import annotations
 
 import torch
+
+from weightshare import vllm_compat
 
 _installed = False
 conv_kept_unpacked = False
@@ -62,22 +65,6 @@ def _plain_conv_call(original):
     return call
 
 
-def _patch_gdn_conv() -> bool:
-    """Give vLLM's CPU GDN conv wrappers unpacked weights; False if this vLLM has no such wrappers."""
-    try:
-        from vllm.model_executor.layers.mamba.ops.cpu import gdn_attention
-    except ImportError:
-        return False
-    names = ("_causal_conv1d_fwd_cpu", "_causal_conv1d_update_cpu")
-    if not all(callable(getattr(gdn_attention, n, None)) for n in names):
-        return False
-    for name in names:
-        current = getattr(gdn_attention, name)
-        if not hasattr(current, "weightshare_original"):
-            setattr(gdn_attention, name, _plain_conv_call(current))
-    return True
-
-
 def install(keep_conv_unpacked: bool = True) -> bool:
     """Patch the dispatch (and the GDN conv wrappers) once per process; True if this call installed it.
 
@@ -86,10 +73,15 @@ def install(keep_conv_unpacked: bool = True) -> bool:
     global _installed, conv_kept_unpacked
     if _installed:
         return False
-    from vllm.model_executor.layers import utils as layer_utils
+    # Give vLLM's CPU GDN conv wrappers unpacked weights (False where this vLLM has no such wrappers).
+    conv_kept_unpacked = keep_conv_unpacked and vllm_compat.wrap_cpu_gdn_conv(_plain_conv_call)
+    vllm_compat.replace_cpu_gemm_dispatch(_dispatch_keeping_weights)
+    _installed = True
+    return True
 
-    original = layer_utils.dispatch_cpu_unquantized_gemm
-    conv_kept_unpacked = keep_conv_unpacked and _patch_gdn_conv()
+
+def _dispatch_keeping_weights(original):
+    """vLLM's CPU GEMM dispatch `original`, changed to leave every linear weight live (see the module doc)."""
 
     def dispatch_keeping_weights(layer: torch.nn.Module, remove_weight: bool) -> None:
         if layer.weight.ndim != 2:
@@ -101,6 +93,4 @@ def install(keep_conv_unpacked: bool = True) -> bool:
         layer.cpu_linear = torch.nn.functional.linear
 
     dispatch_keeping_weights.weightshare_original = original  # type: ignore[attr-defined]
-    layer_utils.dispatch_cpu_unquantized_gemm = dispatch_keeping_weights
-    _installed = True
-    return True
+    return dispatch_keeping_weights

@@ -15,6 +15,7 @@ from inference_side import metrics
 from inference_side.servicer import WeightExportServicer
 from inference_side.updates import UpdateCoordinator
 from weightshare import grpc_util
+from weightshare.v1 import update_mode_pb2
 from weightshare.v1 import weight_export_service_pb2 as pb
 from weightshare.v1 import weight_export_service_pb2_grpc as pb_grpc
 
@@ -47,6 +48,6 @@ async def start_export_server(engine, address: str, token: str | None, mode: int
     )
     log.info(
         "weight export service listening", address=bound, instance_id=servicer.instance_id,
-        ranks=len(describes), mode=pb.UpdateMode.Name(mode), auth="token" if token else "none",
+        ranks=len(describes), mode=update_mode_pb2.UpdateMode.Name(mode), auth="token" if token else "none",
     )
     return ExportServer(server, servicer, coordinator, bound, metrics.register(coordinator, servicer.sessions))

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import grpc
 import structlog
 
-from inference_side.updates import UpdateCoordinator, UpdateError
-from weightshare import CONTRACT_VERSION, shm
+from inference_side.updates import UpdateCoordinator, UpdateError, max_pause_of
+from weightshare import CONTRACT_VERSION, proto_time, shm
 from weightshare.grpc_util import shown
 from weightshare.status import abort, abort_with
 from weightshare.v1 import weight_export_service_pb2 as pb
@@ -113,7 +113,7 @@ class WeightExportServicer(pb_grpc.WeightExportServiceServicer):
             if session.pid and not session.process_alive():
                 del self._sessions[session.session_id]
                 self._coordinator.record_event(
-                    "trainer_gone", f"trainer {session.trainer_name!r} (pid {session.pid}) exited without detaching"
+                    pb.EXPORT_EVENT_KIND_TRAINER_GONE, f"trainer {session.trainer_name!r} (pid {session.pid}) exited without detaching"
                 )
 
     # -- RPCs ---------------------------------------------------------------------------------
@@ -218,7 +218,7 @@ class WeightExportServicer(pb_grpc.WeightExportServiceServicer):
         while len(self._taken_over) > 100:
             self._taken_over.popitem(last=False)
         self._coordinator.record_event(
-            "writer_taken_over", f"{session.describe(now)} took the writer lease from {holder.describe(now)}"
+            pb.EXPORT_EVENT_KIND_WRITER_TAKEN_OVER, f"{session.describe(now)} took the writer lease from {holder.describe(now)}"
         )
 
     async def DetachTrainer(self, request, context):
@@ -259,9 +259,8 @@ class WeightExportServicer(pb_grpc.WeightExportServiceServicer):
         action = request.WhichOneof("action")
         try:
             if action == "begin":
-                return await self._coordinator.begin(
-                    request.session_id, request.begin.step, request.begin.max_pause_seconds
-                )
+                max_pause_seconds, field = max_pause_of(request.begin)
+                return await self._coordinator.begin(request.session_id, request.begin.step, max_pause_seconds, field)
             if action == "commit":
                 return await self._coordinator.commit(request.session_id, request.commit.step)
             if action == "abort":
@@ -288,11 +287,13 @@ class WeightExportServicer(pb_grpc.WeightExportServiceServicer):
             trainers=[
                 pb.AttachedTrainer(
                     session_id=s.session_id, trainer_name=s.trainer_name, pid=s.pid,
-                    attached_seconds=now - s.attached_at, read_only=s.read_only,
+                    attached_seconds=now - s.attached_at, attached_duration=proto_time.duration(now - s.attached_at),
+                    read_only=s.read_only,
                 )
                 for s in self._sessions.values()
             ],
             events=list(stats.events), commits=stats.commits, aborts=stats.aborts,
-            total_paused_seconds=stats.total_paused_seconds, weights_torn=stats.weights_torn,
+            total_paused_seconds=stats.total_paused_seconds,
+            total_paused_duration=proto_time.duration(stats.total_paused_seconds), weights_torn=stats.weights_torn,
             torn_step=stats.torn_step,
         )

@@ -1,9 +1,10 @@
 """The update protocol's state machine: begin (pause), commit (new version), abort; one update at a time.
 
-`engine` is vLLM's engine client (`AsyncLLM`, the object behind the OpenAI server), which has
-`pause_generation`, `resume_generation` and `reset_prefix_cache` in vLLM 0.26 and 0.32 alike.
+`engine` is vLLM's engine client (`AsyncLLM`, the object behind the OpenAI server); it is paused,
+resumed and its prefix cache reset through `weightshare/vllm_compat.py`, which knows those methods'
+arguments in each vLLM version.
 
-- Strict mode: begin pauses with mode="keep" (queued and running requests freeze at a step boundary
+- Strict mode: begin pauses keeping requests (queued and running requests freeze at a step boundary
   and continue later, none fail) and keeps the KV cache; commit bumps the version, resets the prefix
   cache preempting running requests (so no KV computed with old weights is reused: they recompute),
   then resumes; abort resumes with the version and cache unchanged.
@@ -33,7 +34,9 @@ import grpc
 import structlog
 
 from inference_side.metrics import PAUSE_SECONDS
+from weightshare import proto_time, vllm_compat
 from weightshare.status import StatusError
+from weightshare.v1 import update_mode_pb2
 from weightshare.v1 import weight_export_service_pb2 as pb
 
 log = structlog.get_logger(__name__)
@@ -68,9 +71,39 @@ class UpdateStats:
     events: collections.deque = field(default_factory=lambda: collections.deque(maxlen=100))
 
 
+def max_pause_of(begin: pb.BeginUpdate) -> tuple[float, str]:
+    """(seconds, field) of a BeginUpdate's silence limit: max_pause_duration when set, else the deprecated
+    max_pause_seconds. A malformed Duration is refused here, naming the field; the value's range is
+    checked by `UpdateCoordinator.begin`."""
+    if not begin.HasField("max_pause_duration"):
+        return begin.max_pause_seconds, "begin.max_pause_seconds"  # the deprecated field, still honoured
+    field = "begin.max_pause_duration"
+    problem = proto_time.duration_problem(begin.max_pause_duration)
+    if problem:
+        raise UpdateError(
+            grpc.StatusCode.INVALID_ARGUMENT, "MAX_PAUSE_SECONDS_INVALID",
+            f"{field} {proto_time.shown(begin.max_pause_duration)} is not a valid Duration: {problem}",
+            {"field": field},
+        )
+    return proto_time.seconds(begin.max_pause_duration), field
+
+
+def event_kind_name(kind: int) -> str:
+    """The string of the deprecated `ExportEvent.kind`: "pause_timeout" for EXPORT_EVENT_KIND_PAUSE_TIMEOUT."""
+    return pb.ExportEventKind.Name(kind).removeprefix("EXPORT_EVENT_KIND_").lower()
+
+
+def event(kind: int, message: str, unix_time: float) -> pb.ExportEvent:
+    """An ExportEvent with both its typed fields and the deprecated ones they replace filled."""
+    return pb.ExportEvent(
+        unix_time=unix_time, time=proto_time.timestamp(unix_time), kind=event_kind_name(kind), event_kind=kind,
+        message=message,
+    )
+
+
 class UpdateCoordinator:
-    def __init__(self, engine, mode: int = pb.UPDATE_MODE_STRICT):
-        if mode not in (pb.UPDATE_MODE_STRICT, pb.UPDATE_MODE_CONCURRENT):
+    def __init__(self, engine, mode: int = update_mode_pb2.UPDATE_MODE_STRICT):
+        if mode not in (update_mode_pb2.UPDATE_MODE_STRICT, update_mode_pb2.UPDATE_MODE_CONCURRENT):
             raise ValueError(f"update mode {mode} is neither STRICT nor CONCURRENT")
         self._engine = engine
         self.mode = mode
@@ -90,17 +123,22 @@ class UpdateCoordinator:
     def current_update_id(self) -> str:
         return self._update.update_id if self._update is not None else ""
 
-    def record_event(self, kind: str, message: str) -> None:
-        self.stats.events.append(pb.ExportEvent(unix_time=time.time(), kind=kind, message=message))
-        log.warning("update event", kind=kind, message=message)
+    def record_event(self, kind: int, message: str) -> None:
+        """Keep an ExportEvent of `kind` (an ExportEventKind) for GetExportStatus, and log it."""
+        self.stats.events.append(event(kind, message, time.time()))
+        log.warning("update event", kind=event_kind_name(kind), message=message)
 
-    async def begin(self, session_id: str, step: int, max_pause_seconds: float) -> pb.UpdateWeightsResponse:
+    async def begin(
+        self, session_id: str, step: int, max_pause_seconds: float, field: str = "begin.max_pause_seconds"
+    ) -> pb.UpdateWeightsResponse:
+        """Open an update (pausing serving in strict mode). `field` names where `max_pause_seconds` came from,
+        for the refusal of a bad value (see `max_pause_of`)."""
         if not (math.isfinite(max_pause_seconds) and max_pause_seconds >= 0):
             # NaN would never time out (and spin the watchdog); inf would let a stalled trainer pause forever.
             raise UpdateError(
                 grpc.StatusCode.INVALID_ARGUMENT, "MAX_PAUSE_SECONDS_INVALID",
-                f"begin.max_pause_seconds {max_pause_seconds} must be a finite number of seconds >= 0 (0: the "
-                "server's default)", {"field": "begin.max_pause_seconds"},
+                f"{field} {max_pause_seconds:g} must be a finite number of seconds >= 0 (0: the server's "
+                "default)", {"field": field},
             )
         async with self._lock:
             if self._update is not None:
@@ -110,19 +148,20 @@ class UpdateCoordinator:
                     f"an update (step {self._update.step}) begun by {owner} is still open: commit or abort it",
                 )
             started = time.monotonic()
-            strict = self.mode == pb.UPDATE_MODE_STRICT
+            strict = self.mode == update_mode_pb2.UPDATE_MODE_STRICT
             if strict:
-                # "keep": freeze in-flight requests at a step boundary; they resume on resume_generation.
-                await self._engine.pause_generation(mode="keep", clear_cache=False)
+                # Freeze in-flight requests at a step boundary; they resume on resume_generation.
+                await vllm_compat.pause_keeping_requests(self._engine)
             now = time.monotonic()
             self.stats.begun += 1
             self._update = _Update(session_id, step, now, paused=strict, last_heard=now)
             if strict:
                 limit = max_pause_seconds or DEFAULT_MAX_PAUSE_SECONDS
                 self._update.watchdog = asyncio.create_task(self._watchdog(self._update, limit))
+            wait = (now - started) if strict else 0.0
             return pb.UpdateWeightsResponse(
                 phase=pb.UPDATE_PHASE_BEGUN, weights_version=self.stats.weights_version, step=step,
-                pause_wait_seconds=(now - started) if strict else 0.0, mode=self.mode,
+                pause_wait_seconds=wait, pause_wait_duration=proto_time.duration(wait), mode=self.mode,
                 weights_torn=self.stats.weights_torn,
             )
 
@@ -143,29 +182,28 @@ class UpdateCoordinator:
             self.stats.weights_version += 1
             self.stats.commits += 1
             if self.stats.weights_torn:
-                self.record_event("weights_consistent", f"version {self.stats.weights_version} committed over "
+                self.record_event(pb.EXPORT_EVENT_KIND_WEIGHTS_CONSISTENT, f"version {self.stats.weights_version} committed over "
                                   f"the torn weights of step {self.stats.torn_step}")
             self.stats.weights_torn = False
-            strict = self.mode == pb.UPDATE_MODE_STRICT
-            reset = await self._engine.reset_prefix_cache(reset_running_requests=strict)
+            strict = self.mode == update_mode_pb2.UPDATE_MODE_STRICT
+            reset = await vllm_compat.reset_prefix_cache(self._engine, preempt_running=strict)
             if not reset:
                 self.record_event(
-                    "prefix_cache_not_reset",
+                    pb.EXPORT_EVENT_KIND_PREFIX_CACHE_NOT_RESET,
                     f"version {self.stats.weights_version}: blocks in use, cached prefixes may predate it",
                 )
             paused_seconds = await self._finish(update)
             log.info("update committed", version=self.stats.weights_version, step=step, paused_s=paused_seconds)
             return pb.UpdateWeightsResponse(
                 phase=pb.UPDATE_PHASE_COMMITTED, weights_version=self.stats.weights_version, step=step,
-                paused_seconds=paused_seconds, mode=self.mode, weights_torn=False,
+                paused_seconds=paused_seconds, paused_duration=proto_time.duration(paused_seconds), mode=self.mode,
+                weights_torn=False,
             )
 
     async def abort(self, session_id: str, reason: str, weights_untouched: bool = False) -> pb.UpdateWeightsResponse:
         async with self._lock:
             update = self._owned_update(session_id, "abort")
-            return await self._abort_locked(
-                update, "trainer_abort", reason or "aborted by trainer", written=not weights_untouched
-            )
+            return await self._abort_locked(update, None, reason or "aborted by trainer", written=not weights_untouched)
 
     async def abandon(self, session_id: str, why: str, update_id: str = "") -> bool:
         """The trainer's stream ended: abort its open update (only `update_id`, when given). True if aborted."""
@@ -175,13 +213,14 @@ class UpdateCoordinator:
                 return False
             if update_id and update.update_id != update_id:
                 return False  # a newer update of this trainer, begun on another stream
-            await self._abort_locked(update, "stream_broken_while_paused" if update.paused else "stream_broken", why)
+            kind = pb.EXPORT_EVENT_KIND_STREAM_BROKEN_WHILE_PAUSED if update.paused else pb.EXPORT_EVENT_KIND_STREAM_BROKEN
+            await self._abort_locked(update, kind, why)
             return True
 
     async def shutdown(self) -> None:
         async with self._lock:
             if self._update is not None:
-                await self._abort_locked(self._update, "server_shutdown", "inference side shutting down")
+                await self._abort_locked(self._update, pb.EXPORT_EVENT_KIND_SERVER_SHUTDOWN, "inference side shutting down")
 
     def _owned_update(self, session_id: str, action: str) -> _Update:
         if self._update is None:
@@ -193,22 +232,25 @@ class UpdateCoordinator:
         return self._update
 
     async def _abort_locked(
-        self, update: _Update, kind: str, reason: str, written: bool = True
+        self, update: _Update, kind: int | None, reason: str, written: bool = True
     ) -> pb.UpdateWeightsResponse:
+        """Abort `update`; `kind` is the ExportEventKind of a server-side abort (None: the trainer's own)."""
         self.stats.aborts += 1
         if written:
             # Writes may have begun: never serve them silently. Cached prefixes computed before the
             # abort no longer match the weights either way; drop them while still paused.
             self.stats.weights_torn, self.stats.torn_step = True, update.step
-            await self._engine.reset_prefix_cache(reset_running_requests=update.paused)
-            self.record_event("weights_may_be_torn", f"update of step {update.step} aborted ({kind}): served "
-                              "weights may mix old and new values until the next commit")
+            await vllm_compat.reset_prefix_cache(self._engine, preempt_running=update.paused)
+            why = "trainer_abort" if kind is None else event_kind_name(kind)
+            self.record_event(pb.EXPORT_EVENT_KIND_WEIGHTS_MAY_BE_TORN, f"update of step {update.step} aborted "
+                              f"({why}): served weights may mix old and new values until the next commit")
         paused_seconds = await self._finish(update)
-        if kind != "trainer_abort":
+        if kind is not None:
             self.record_event(kind, f"update of step {update.step} aborted after {paused_seconds:.3f}s: {reason}")
         return pb.UpdateWeightsResponse(
             phase=pb.UPDATE_PHASE_ABORTED, weights_version=self.stats.weights_version, step=update.step,
-            paused_seconds=paused_seconds, mode=self.mode, weights_torn=self.stats.weights_torn,
+            paused_seconds=paused_seconds, paused_duration=proto_time.duration(paused_seconds), mode=self.mode,
+            weights_torn=self.stats.weights_torn,
         )
 
     async def _finish(self, update: _Update) -> float:
@@ -218,7 +260,7 @@ class UpdateCoordinator:
             update.watchdog.cancel()
         if not update.paused:
             return 0.0
-        await self._engine.resume_generation()
+        await vllm_compat.resume_generation(self._engine)
         paused_seconds = time.monotonic() - update.began_at
         self.stats.total_paused_seconds += paused_seconds
         PAUSE_SECONDS.observe(paused_seconds)
@@ -234,6 +276,6 @@ class UpdateCoordinator:
                 silent = time.monotonic() - update.last_heard
                 if silent >= limit:
                     await self._abort_locked(
-                        update, "pause_timeout", f"no word from the trainer for {silent:.1f}s (limit {limit:.1f}s)"
+                        update, pb.EXPORT_EVENT_KIND_PAUSE_TIMEOUT, f"no word from the trainer for {silent:.1f}s (limit {limit:.1f}s)"
                     )
                     return

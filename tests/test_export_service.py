@@ -24,6 +24,7 @@ from tests.weight_checks import assert_rebuilds_checkpoint
 from trainer_side.attach import AttachError, attach
 from weightshare import grpc_util, shm
 from weightshare.processes import CPU_SERVE_ARGS, ServedModel
+from weightshare.v1 import update_mode_pb2
 from weightshare.v1 import weight_export_service_pb2 as pb
 from weightshare.v1 import weight_export_service_pb2_grpc as pb_grpc
 
@@ -67,7 +68,7 @@ def test_model_info_names_the_served_model(qwen35_server):
     assert info.identity.architecture == "Qwen3_5ForCausalLM"
     assert info.identity.host_id == shm.host_id()
     assert info.identity.instance_id and info.identity.tp_size == 1
-    assert info.update_mode == pb.UPDATE_MODE_STRICT
+    assert info.update_mode == update_mode_pb2.UPDATE_MODE_STRICT
 
 
 def test_rebuilds_every_hf_parameter_bit_identical(qwen35_server):
@@ -293,7 +294,7 @@ def test_fp32_weights_stay_live_and_token_is_required(qwen3_fp32_server):
             down = weights.hf_tensor("model.layers.0.mlp.down_proj.weight")
             saved = down.clone()
             begun = updates.begin(step=1)
-            assert begun.mode == pb.UPDATE_MODE_CONCURRENT and begun.pause_wait_seconds == 0
+            assert begun.mode == update_mode_pb2.UPDATE_MODE_CONCURRENT and begun.pause_wait_seconds == 0
             down.mul_(-3.0)
             updates.commit(step=1)
             edited_tokens, edited_logprobs = greedy(qwen3_fp32_server)

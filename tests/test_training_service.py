@@ -31,6 +31,7 @@ from weightshare import grpc_util
 from weightshare.processes import ServedModel, TrainerProcess
 from weightshare.v1 import trainer_service_pb2 as pb
 from weightshare.v1 import trainer_service_pb2_grpc as pb_grpc
+from weightshare.v1 import update_mode_pb2
 from weightshare.v1 import weight_export_service_pb2 as export_pb
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -228,7 +229,7 @@ def test_bad_requests_get_the_right_status_codes(served, tmp_path):
         assert code == grpc.StatusCode.ALREADY_EXISTS and "'mine'" in details
 
         code, details = code_of(stub.StartTraining, pb.StartTrainingRequest(
-            overrides=pb.TrainingOverrides(update_mode=export_pb.UPDATE_MODE_CONCURRENT)))
+            overrides=pb.TrainingOverrides(update_mode=update_mode_pb2.UPDATE_MODE_CONCURRENT)))
         assert code == grpc.StatusCode.FAILED_PRECONDITION and "UPDATE_MODE_STRICT" in details
         code, details = code_of(stub.SaveCheckpoint, pb.SaveCheckpointRequest(path="relative/dir"))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "'relative/dir'" in details

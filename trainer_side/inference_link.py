@@ -34,6 +34,14 @@ log = structlog.get_logger(__name__)
 STATUS_TIMEOUT_S = 5.0
 
 
+def _taken_over(event: export_pb.ExportEvent) -> bool:
+    """Whether `event` reports a writer-lease take-over (by its kind; by the deprecated string from a server
+    that predates ExportEventKind)."""
+    if event.event_kind != export_pb.EXPORT_EVENT_KIND_UNSPECIFIED:
+        return event.event_kind == export_pb.EXPORT_EVENT_KIND_WRITER_TAKEN_OVER
+    return event.kind == "writer_taken_over"
+
+
 def write_and_commit(loop: TrainingLoop, weights: AttachedWeights, source: Path | None, step: int):
     """One update on `weights`: copy `source`'s safetensors into the model (None: nothing), then commit."""
     with weights.update_stream() as updates:
@@ -157,7 +165,7 @@ class InferenceLink:
         if status.identity.instance_id != self.weights.identity.instance_id:
             self._recover("the inference side restarted")
         elif not any(t.session_id == session for t in status.trainers):
-            taken = [e.message for e in status.events if e.kind == "writer_taken_over" and session in e.message]
+            taken = [e.message for e in status.events if _taken_over(e) and session in e.message]
             if taken:
                 self.permanent = True
                 self._set(False, f"writer lease lost ({taken[-1]}): this trainer no longer trains; restart it "

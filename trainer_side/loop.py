@@ -60,6 +60,7 @@ from trainer_side.defaults import DEFAULT_LR
 from trainer_side.fused import FusedUpdates
 from trainer_side.loss import loss_sum, pad_micro_batch
 from trainer_side.memory import memory_report
+from weightshare import proto_time
 from weightshare.failpoints import failpoint
 from weightshare.v1 import trainer_service_pb2 as pb
 
@@ -511,15 +512,17 @@ class TrainingLoop:
         self.counters.weights_version = ack.weights_version
         self.counters.last_loss = mean_loss
         seconds = time.perf_counter() - t0
+        paused = proto_time.seconds_of(ack, "paused_duration", "paused_seconds")
         self.last_tokens_per_second = tokens / seconds
         log.info("step", step=step, loss=round(mean_loss, 4), tokens=tokens, grad_norm=round(grad_norm, 4),
                  lr=lr, weights_version=ack.weights_version, compute_s=round(compute_s, 3),
-                 update_s=round(seconds - compute_s, 3), paused_s=round(ack.paused_seconds, 3))
+                 update_s=round(seconds - compute_s, 3), paused_s=round(paused, 3))
         if self.config.memory_report:
             log.info("memory", step=step, **memory_report(self.model, self.optimizer, self._device))
         return self._event(
             pb.PROGRESS_KIND_STEP, loss=mean_loss, tokens=tokens, grad_norm=grad_norm, learning_rate=lr,
-            paused_seconds=ack.paused_seconds, step_seconds=seconds, tokens_per_second=tokens / seconds,
+            paused_seconds=paused, paused_duration=proto_time.duration(paused), step_seconds=seconds,
+            step_duration=proto_time.duration(seconds), tokens_per_second=tokens / seconds,
         )
 
     def _event(self, kind: int, **fields) -> pb.StreamProgressResponse:

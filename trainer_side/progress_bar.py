@@ -12,6 +12,7 @@ from typing import TextIO
 
 from tqdm import tqdm
 
+from weightshare import proto_time
 from weightshare.v1 import trainer_service_pb2 as pb
 
 
@@ -31,7 +32,8 @@ class TerminalProgress:
         self._trained = trained
         if event.kind == pb.PROGRESS_KIND_STEP:
             self._bar.set_postfix_str(
-                f"step {event.step} loss {event.loss:.4f} v{event.weights_version} paused {event.paused_seconds:.2f}s",
+                f"step {event.step} loss {event.loss:.4f} v{event.weights_version} paused "
+                f"{proto_time.seconds(event.paused_duration):.2f}s",
                 refresh=False,
             )
         elif event.kind in (pb.PROGRESS_KIND_SKIPPED, pb.PROGRESS_KIND_STOPPED):

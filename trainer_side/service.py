@@ -30,7 +30,7 @@ from weightshare.grpc_util import shown
 from weightshare.status import abort, abort_with
 from weightshare.v1 import trainer_service_pb2 as pb
 from weightshare.v1 import trainer_service_pb2_grpc as pb_grpc
-from weightshare.v1 import weight_export_service_pb2 as export_pb
+from weightshare.v1 import update_mode_pb2
 
 log = structlog.get_logger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TrainerService"].full_name
@@ -139,17 +139,17 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
     async def StartTraining(self, request: pb.StartTrainingRequest, context: grpc.aio.ServicerContext):
         overrides = request.overrides
         mode = overrides.update_mode
-        if mode not in export_pb.UpdateMode.values():
+        if mode not in update_mode_pb2.UpdateMode.values():
             await abort_with(
                 context, grpc.StatusCode.INVALID_ARGUMENT, "UPDATE_MODE_UNKNOWN",
-                f"overrides.update_mode {mode} is not a value of UpdateMode ({sorted(export_pb.UpdateMode.keys())})",
+                f"overrides.update_mode {mode} is not a value of UpdateMode ({sorted(update_mode_pb2.UpdateMode.keys())})",
                 {"field": "overrides.update_mode"},
             )
         if mode and mode != self._server_update_mode:
             await abort_with(
                 context, grpc.StatusCode.FAILED_PRECONDITION, "UPDATE_MODE_MISMATCH",
-                f"overrides.update_mode {export_pb.UpdateMode.Name(mode)} differs from the inference side's "
-                f"{export_pb.UpdateMode.Name(self._server_update_mode)}, which decides whether serving pauses: "
+                f"overrides.update_mode {update_mode_pb2.UpdateMode.Name(mode)} differs from the inference side's "
+                f"{update_mode_pb2.UpdateMode.Name(self._server_update_mode)}, which decides whether serving pauses: "
                 "restart `weightshare serve` with the other --update-mode", {"field": "overrides.update_mode"},
             )
         if overrides.learning_rate < 0 or overrides.learning_rate != overrides.learning_rate:

@@ -26,7 +26,7 @@ from pathlib import Path
 import structlog
 
 from trainer_side.defaults import DEFAULT_LR
-from weightshare import grpc_util
+from weightshare import grpc_util, update_modes
 from weightshare.errors import UsageError
 from weightshare.logs import configure_command_logging
 
@@ -100,7 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-seq-len", type=int, default=2048, help="longest example accepted, in tokens (default: %(default)s)"
     )
     parser.add_argument(
-        "--update-mode", choices=["auto", "strict", "concurrent"], default="auto",
+        "--update-mode", choices=update_modes.EXPECTED, default=update_modes.AUTO,
         help="expected update mode of the inference side, which decides it (`weightshare serve --update-mode`): "
         "strict pauses serving during each write, concurrent never does; auto accepts either",
     )
@@ -220,13 +220,14 @@ def _lock_and_attach(config, take_over: bool):
 def _train(config, weights) -> int:
     """Binds the model, builds the optimizer and the loop, and serves until a signal."""
     from trainer_side.hf_model import BindError, build_shared_model
-    from weightshare.v1 import weight_export_service_pb2 as export_pb
+    from weightshare.v1 import update_mode_pb2
 
-    served_mode = export_pb.UpdateMode.Name(weights.info.update_mode)
-    if config.update_mode != "auto" and served_mode != f"UPDATE_MODE_{config.update_mode.upper()}":
+    expected = config.update_mode
+    if expected != update_mode_pb2.UPDATE_MODE_UNSPECIFIED and weights.info.update_mode != expected:
+        served_mode = update_mode_pb2.UpdateMode.Name(weights.info.update_mode)
         weights.close()
-        raise UsageError(f"the inference side runs {served_mode}, not --update-mode {config.update_mode}: restart "
-                         "it with `weightshare serve --update-mode` or pass --update-mode auto")
+        raise UsageError(f"the inference side runs {served_mode}, not --update-mode {update_modes.cli_name(expected)}: "
+                         "restart it with `weightshare serve --update-mode` or pass --update-mode auto")
     try:
         shared = build_shared_model(weights)
     except BindError as err:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer_side.loop import LoopConfig
-from weightshare import grpc_util
+from weightshare import grpc_util, update_modes
 from weightshare.errors import UsageError
 
 
@@ -41,8 +41,8 @@ class TrainerConfig:
     """The training loop's settings."""
     max_seq_len: int
     """Longest example accepted, in tokens."""
-    update_mode: str
-    """auto, strict or concurrent: what the inference side must run."""
+    update_mode: int
+    """The UpdateMode the inference side must run; UPDATE_MODE_UNSPECIFIED (--update-mode auto): any."""
     torch_threads: int
     """torch CPU threads (0: 1 on CPU-served weights, else torch's choice)."""
     autostart: bool
@@ -79,6 +79,6 @@ class TrainerConfig:
             inference=args.inference, grpc=args.grpc, state_dir=args.state_dir.resolve(), token=args.token,
             inference_token=args.inference_token, name=args.name, take_over=args.take_over,
             optimizer=args.optimizer, other_params=args.other_params, embeddings=args.embeddings, loop=loop,
-            max_seq_len=args.max_seq_len, update_mode=args.update_mode, torch_threads=args.torch_threads,
+            max_seq_len=args.max_seq_len, update_mode=update_modes.from_cli(args.update_mode), torch_threads=args.torch_threads,
             autostart=args.autostart, metrics_port=args.metrics_port, metrics_host=args.metrics_host,
         )

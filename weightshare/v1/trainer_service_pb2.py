@@ -22,56 +22,61 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from weightshare.v1 import weight_export_service_pb2 as weightshare_dot_v1_dot_weight__export__service__pb2
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
+from weightshare.v1 import update_mode_pb2 as weightshare_dot_v1_dot_update__mode__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$weightshare/v1/trainer_service.proto\x12\x0eweightshare.v1\x1a*weightshare/v1/weight_export_service.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"<\n\x0b\x43hatExample\x12-\n\x08messages\x18\x01 \x03(\x0b\x32\x1b.weightshare.v1.ChatMessage\"4\n\x0cTokenExample\x12\x11\n\tinput_ids\x18\x01 \x03(\r\x12\x11\n\tloss_mask\x18\x02 \x03(\x08\"*\n\x0bTextSegment\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05train\x18\x02 \x01(\x08\"M\n\x0bTextExample\x12-\n\x08segments\x18\x01 \x03(\x0b\x32\x1b.weightshare.v1.TextSegment\x12\x0f\n\x07\x61\x64\x64_eos\x18\x02 \x01(\x08\"\xb2\x01\n\x07\x45xample\x12\x12\n\nexample_id\x18\x01 \x01(\t\x12+\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x1b.weightshare.v1.ChatExampleH\x00\x12.\n\x06tokens\x18\x03 \x01(\x0b\x32\x1c.weightshare.v1.TokenExampleH\x00\x12+\n\x04text\x18\x04 \x01(\x0b\x32\x1b.weightshare.v1.TextExampleH\x00\x42\t\n\x07\x63ontent\"B\n\x15SubmitExamplesRequest\x12)\n\x08\x65xamples\x18\x01 \x03(\x0b\x32\x17.weightshare.v1.Example\"G\n\x16SubmitExamplesResponse\x12\x13\n\x0b\x65xample_ids\x18\x01 \x03(\t\x12\x18\n\x10pending_examples\x18\x02 \x01(\x04\"\x89\x01\n\x11TrainingOverrides\x12\x15\n\rlearning_rate\x18\x01 \x01(\x01\x12\x11\n\tmax_steps\x18\x02 \x01(\x04\x12\x19\n\x11\x65xamples_per_step\x18\x03 \x01(\r\x12/\n\x0bupdate_mode\x18\x04 \x01(\x0e\x32\x1a.weightshare.v1.UpdateMode\"L\n\x14StartTrainingRequest\x12\x34\n\toverrides\x18\x01 \x01(\x0b\x32!.weightshare.v1.TrainingOverrides\">\n\x15StartTrainingResponse\x12\x17\n\x0f\x61lready_running\x18\x01 \x01(\x08\x12\x0c\n\x04step\x18\x02 \x01(\x04\")\n\x13StopTrainingRequest\x12\x12\n\ncheckpoint\x18\x01 \x01(\x08\"=\n\x14StopTrainingResponse\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x17\n\x0f\x63heckpoint_path\x18\x02 \x01(\t\"0\n\x15StreamProgressRequest\x12\x17\n\x0finclude_history\x18\x01 \x01(\x08\"\xa7\x02\n\x16StreamProgressResponse\x12*\n\x04kind\x18\x01 \x01(\x0e\x32\x1c.weightshare.v1.ProgressKind\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x0e\n\x06tokens\x18\x04 \x01(\x04\x12\x11\n\tgrad_norm\x18\x05 \x01(\x01\x12\x15\n\rlearning_rate\x18\x06 \x01(\x01\x12\x17\n\x0fweights_version\x18\x07 \x01(\x04\x12\x16\n\x0epaused_seconds\x18\x08 \x01(\x01\x12\x14\n\x0cstep_seconds\x18\t \x01(\x01\x12\x19\n\x11tokens_per_second\x18\n \x01(\x01\x12\x0f\n\x07message\x18\x0b \x01(\t\x12\x18\n\x10pending_examples\x18\x0c \x01(\x04\"\x1a\n\x18GetTrainingStatusRequest\"\xb1\x02\n\x19GetTrainingStatusResponse\x12\x0f\n\x07running\x18\x01 \x01(\x08\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x17\n\x0fweights_version\x18\x03 \x01(\x04\x12\x18\n\x10pending_examples\x18\x04 \x01(\x04\x12\x18\n\x10trained_examples\x18\x05 \x01(\x04\x12\x11\n\tlast_loss\x18\x06 \x01(\x01\x12\x17\n\x0flast_checkpoint\x18\x07 \x01(\t\x12\x15\n\rskipped_steps\x18\x08 \x01(\x04\x12\x19\n\x11inference_address\x18\t \x01(\t\x12\x1b\n\x13inference_connected\x18\n \x01(\x08\x12\x19\n\x11inference_problem\x18\x0b \x01(\t\x12\x12\n\nlast_error\x18\x0c \x01(\t\"%\n\x15SaveCheckpointRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\"M\n\x16SaveCheckpointResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x17\n\x0fweights_version\x18\x03 \x01(\x04*\x99\x01\n\x0cProgressKind\x12\x1d\n\x19PROGRESS_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12PROGRESS_KIND_STEP\x10\x01\x12\x19\n\x15PROGRESS_KIND_SKIPPED\x10\x02\x12\x1c\n\x18PROGRESS_KIND_CHECKPOINT\x10\x03\x12\x19\n\x15PROGRESS_KIND_STOPPED\x10\x04\x32\xd8\x04\n\x0eTrainerService\x12_\n\x0eSubmitExamples\x12%.weightshare.v1.SubmitExamplesRequest\x1a&.weightshare.v1.SubmitExamplesResponse\x12\\\n\rStartTraining\x12$.weightshare.v1.StartTrainingRequest\x1a%.weightshare.v1.StartTrainingResponse\x12Y\n\x0cStopTraining\x12#.weightshare.v1.StopTrainingRequest\x1a$.weightshare.v1.StopTrainingResponse\x12\x61\n\x0eStreamProgress\x12%.weightshare.v1.StreamProgressRequest\x1a&.weightshare.v1.StreamProgressResponse0\x01\x12h\n\x11GetTrainingStatus\x12(.weightshare.v1.GetTrainingStatusRequest\x1a).weightshare.v1.GetTrainingStatusResponse\x12_\n\x0eSaveCheckpoint\x12%.weightshare.v1.SaveCheckpointRequest\x1a&.weightshare.v1.SaveCheckpointResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$weightshare/v1/trainer_service.proto\x12\x0eweightshare.v1\x1a\x1egoogle/protobuf/duration.proto\x1a weightshare/v1/update_mode.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"<\n\x0b\x43hatExample\x12-\n\x08messages\x18\x01 \x03(\x0b\x32\x1b.weightshare.v1.ChatMessage\"4\n\x0cTokenExample\x12\x11\n\tinput_ids\x18\x01 \x03(\r\x12\x11\n\tloss_mask\x18\x02 \x03(\x08\"*\n\x0bTextSegment\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05train\x18\x02 \x01(\x08\"M\n\x0bTextExample\x12-\n\x08segments\x18\x01 \x03(\x0b\x32\x1b.weightshare.v1.TextSegment\x12\x0f\n\x07\x61\x64\x64_eos\x18\x02 \x01(\x08\"\xb2\x01\n\x07\x45xample\x12\x12\n\nexample_id\x18\x01 \x01(\t\x12+\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x1b.weightshare.v1.ChatExampleH\x00\x12.\n\x06tokens\x18\x03 \x01(\x0b\x32\x1c.weightshare.v1.TokenExampleH\x00\x12+\n\x04text\x18\x04 \x01(\x0b\x32\x1b.weightshare.v1.TextExampleH\x00\x42\t\n\x07\x63ontent\"B\n\x15SubmitExamplesRequest\x12)\n\x08\x65xamples\x18\x01 \x03(\x0b\x32\x17.weightshare.v1.Example\"G\n\x16SubmitExamplesResponse\x12\x13\n\x0b\x65xample_ids\x18\x01 \x03(\t\x12\x18\n\x10pending_examples\x18\x02 \x01(\x04\"\x89\x01\n\x11TrainingOverrides\x12\x15\n\rlearning_rate\x18\x01 \x01(\x01\x12\x11\n\tmax_steps\x18\x02 \x01(\x04\x12\x19\n\x11\x65xamples_per_step\x18\x03 \x01(\r\x12/\n\x0bupdate_mode\x18\x04 \x01(\x0e\x32\x1a.weightshare.v1.UpdateMode\"L\n\x14StartTrainingRequest\x12\x34\n\toverrides\x18\x01 \x01(\x0b\x32!.weightshare.v1.TrainingOverrides\">\n\x15StartTrainingResponse\x12\x17\n\x0f\x61lready_running\x18\x01 \x01(\x08\x12\x0c\n\x04step\x18\x02 \x01(\x04\")\n\x13StopTrainingRequest\x12\x12\n\ncheckpoint\x18\x01 \x01(\x08\"=\n\x14StopTrainingResponse\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x17\n\x0f\x63heckpoint_path\x18\x02 \x01(\t\"0\n\x15StreamProgressRequest\x12\x17\n\x0finclude_history\x18\x01 \x01(\x08\"\x95\x03\n\x16StreamProgressResponse\x12*\n\x04kind\x18\x01 \x01(\x0e\x32\x1c.weightshare.v1.ProgressKind\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x0e\n\x06tokens\x18\x04 \x01(\x04\x12\x11\n\tgrad_norm\x18\x05 \x01(\x01\x12\x15\n\rlearning_rate\x18\x06 \x01(\x01\x12\x17\n\x0fweights_version\x18\x07 \x01(\x04\x12\x1a\n\x0epaused_seconds\x18\x08 \x01(\x01\x42\x02\x18\x01\x12\x18\n\x0cstep_seconds\x18\t \x01(\x01\x42\x02\x18\x01\x12\x19\n\x11tokens_per_second\x18\n \x01(\x01\x12\x0f\n\x07message\x18\x0b \x01(\t\x12\x18\n\x10pending_examples\x18\x0c \x01(\x04\x12\x32\n\x0fpaused_duration\x18\r \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x30\n\rstep_duration\x18\x0e \x01(\x0b\x32\x19.google.protobuf.Duration\"\x1a\n\x18GetTrainingStatusRequest\"\xb1\x02\n\x19GetTrainingStatusResponse\x12\x0f\n\x07running\x18\x01 \x01(\x08\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x17\n\x0fweights_version\x18\x03 \x01(\x04\x12\x18\n\x10pending_examples\x18\x04 \x01(\x04\x12\x18\n\x10trained_examples\x18\x05 \x01(\x04\x12\x11\n\tlast_loss\x18\x06 \x01(\x01\x12\x17\n\x0flast_checkpoint\x18\x07 \x01(\t\x12\x15\n\rskipped_steps\x18\x08 \x01(\x04\x12\x19\n\x11inference_address\x18\t \x01(\t\x12\x1b\n\x13inference_connected\x18\n \x01(\x08\x12\x19\n\x11inference_problem\x18\x0b \x01(\t\x12\x12\n\nlast_error\x18\x0c \x01(\t\"%\n\x15SaveCheckpointRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\"M\n\x16SaveCheckpointResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x17\n\x0fweights_version\x18\x03 \x01(\x04*\x99\x01\n\x0cProgressKind\x12\x1d\n\x19PROGRESS_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12PROGRESS_KIND_STEP\x10\x01\x12\x19\n\x15PROGRESS_KIND_SKIPPED\x10\x02\x12\x1c\n\x18PROGRESS_KIND_CHECKPOINT\x10\x03\x12\x19\n\x15PROGRESS_KIND_STOPPED\x10\x04\x32\xd8\x04\n\x0eTrainerService\x12_\n\x0eSubmitExamples\x12%.weightshare.v1.SubmitExamplesRequest\x1a&.weightshare.v1.SubmitExamplesResponse\x12\\\n\rStartTraining\x12$.weightshare.v1.StartTrainingRequest\x1a%.weightshare.v1.StartTrainingResponse\x12Y\n\x0cStopTraining\x12#.weightshare.v1.StopTrainingRequest\x1a$.weightshare.v1.StopTrainingResponse\x12\x61\n\x0eStreamProgress\x12%.weightshare.v1.StreamProgressRequest\x1a&.weightshare.v1.StreamProgressResponse0\x01\x12h\n\x11GetTrainingStatus\x12(.weightshare.v1.GetTrainingStatusRequest\x1a).weightshare.v1.GetTrainingStatusResponse\x12_\n\x0eSaveCheckpoint\x12%.weightshare.v1.SaveCheckpointRequest\x1a&.weightshare.v1.SaveCheckpointResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'weightshare.v1.trainer_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PROGRESSKIND']._serialized_start=1898
-  _globals['_PROGRESSKIND']._serialized_end=2051
-  _globals['_CHATMESSAGE']._serialized_start=100
-  _globals['_CHATMESSAGE']._serialized_end=144
-  _globals['_CHATEXAMPLE']._serialized_start=146
-  _globals['_CHATEXAMPLE']._serialized_end=206
-  _globals['_TOKENEXAMPLE']._serialized_start=208
-  _globals['_TOKENEXAMPLE']._serialized_end=260
-  _globals['_TEXTSEGMENT']._serialized_start=262
-  _globals['_TEXTSEGMENT']._serialized_end=304
-  _globals['_TEXTEXAMPLE']._serialized_start=306
-  _globals['_TEXTEXAMPLE']._serialized_end=383
-  _globals['_EXAMPLE']._serialized_start=386
-  _globals['_EXAMPLE']._serialized_end=564
-  _globals['_SUBMITEXAMPLESREQUEST']._serialized_start=566
-  _globals['_SUBMITEXAMPLESREQUEST']._serialized_end=632
-  _globals['_SUBMITEXAMPLESRESPONSE']._serialized_start=634
-  _globals['_SUBMITEXAMPLESRESPONSE']._serialized_end=705
-  _globals['_TRAININGOVERRIDES']._serialized_start=708
-  _globals['_TRAININGOVERRIDES']._serialized_end=845
-  _globals['_STARTTRAININGREQUEST']._serialized_start=847
-  _globals['_STARTTRAININGREQUEST']._serialized_end=923
-  _globals['_STARTTRAININGRESPONSE']._serialized_start=925
-  _globals['_STARTTRAININGRESPONSE']._serialized_end=987
-  _globals['_STOPTRAININGREQUEST']._serialized_start=989
-  _globals['_STOPTRAININGREQUEST']._serialized_end=1030
-  _globals['_STOPTRAININGRESPONSE']._serialized_start=1032
-  _globals['_STOPTRAININGRESPONSE']._serialized_end=1093
-  _globals['_STREAMPROGRESSREQUEST']._serialized_start=1095
-  _globals['_STREAMPROGRESSREQUEST']._serialized_end=1143
-  _globals['_STREAMPROGRESSRESPONSE']._serialized_start=1146
-  _globals['_STREAMPROGRESSRESPONSE']._serialized_end=1441
-  _globals['_GETTRAININGSTATUSREQUEST']._serialized_start=1443
-  _globals['_GETTRAININGSTATUSREQUEST']._serialized_end=1469
-  _globals['_GETTRAININGSTATUSRESPONSE']._serialized_start=1472
-  _globals['_GETTRAININGSTATUSRESPONSE']._serialized_end=1777
-  _globals['_SAVECHECKPOINTREQUEST']._serialized_start=1779
-  _globals['_SAVECHECKPOINTREQUEST']._serialized_end=1816
-  _globals['_SAVECHECKPOINTRESPONSE']._serialized_start=1818
-  _globals['_SAVECHECKPOINTRESPONSE']._serialized_end=1895
-  _globals['_TRAINERSERVICE']._serialized_start=2054
-  _globals['_TRAINERSERVICE']._serialized_end=2654
+  _globals['_STREAMPROGRESSRESPONSE'].fields_by_name['paused_seconds']._loaded_options = None
+  _globals['_STREAMPROGRESSRESPONSE'].fields_by_name['paused_seconds']._serialized_options = b'\030\001'
+  _globals['_STREAMPROGRESSRESPONSE'].fields_by_name['step_seconds']._loaded_options = None
+  _globals['_STREAMPROGRESSRESPONSE'].fields_by_name['step_seconds']._serialized_options = b'\030\001'
+  _globals['_PROGRESSKIND']._serialized_start=2030
+  _globals['_PROGRESSKIND']._serialized_end=2183
+  _globals['_CHATMESSAGE']._serialized_start=122
+  _globals['_CHATMESSAGE']._serialized_end=166
+  _globals['_CHATEXAMPLE']._serialized_start=168
+  _globals['_CHATEXAMPLE']._serialized_end=228
+  _globals['_TOKENEXAMPLE']._serialized_start=230
+  _globals['_TOKENEXAMPLE']._serialized_end=282
+  _globals['_TEXTSEGMENT']._serialized_start=284
+  _globals['_TEXTSEGMENT']._serialized_end=326
+  _globals['_TEXTEXAMPLE']._serialized_start=328
+  _globals['_TEXTEXAMPLE']._serialized_end=405
+  _globals['_EXAMPLE']._serialized_start=408
+  _globals['_EXAMPLE']._serialized_end=586
+  _globals['_SUBMITEXAMPLESREQUEST']._serialized_start=588
+  _globals['_SUBMITEXAMPLESREQUEST']._serialized_end=654
+  _globals['_SUBMITEXAMPLESRESPONSE']._serialized_start=656
+  _globals['_SUBMITEXAMPLESRESPONSE']._serialized_end=727
+  _globals['_TRAININGOVERRIDES']._serialized_start=730
+  _globals['_TRAININGOVERRIDES']._serialized_end=867
+  _globals['_STARTTRAININGREQUEST']._serialized_start=869
+  _globals['_STARTTRAININGREQUEST']._serialized_end=945
+  _globals['_STARTTRAININGRESPONSE']._serialized_start=947
+  _globals['_STARTTRAININGRESPONSE']._serialized_end=1009
+  _globals['_STOPTRAININGREQUEST']._serialized_start=1011
+  _globals['_STOPTRAININGREQUEST']._serialized_end=1052
+  _globals['_STOPTRAININGRESPONSE']._serialized_start=1054
+  _globals['_STOPTRAININGRESPONSE']._serialized_end=1115
+  _globals['_STREAMPROGRESSREQUEST']._serialized_start=1117
+  _globals['_STREAMPROGRESSREQUEST']._serialized_end=1165
+  _globals['_STREAMPROGRESSRESPONSE']._serialized_start=1168
+  _globals['_STREAMPROGRESSRESPONSE']._serialized_end=1573
+  _globals['_GETTRAININGSTATUSREQUEST']._serialized_start=1575
+  _globals['_GETTRAININGSTATUSREQUEST']._serialized_end=1601
+  _globals['_GETTRAININGSTATUSRESPONSE']._serialized_start=1604
+  _globals['_GETTRAININGSTATUSRESPONSE']._serialized_end=1909
+  _globals['_SAVECHECKPOINTREQUEST']._serialized_start=1911
+  _globals['_SAVECHECKPOINTREQUEST']._serialized_end=1948
+  _globals['_SAVECHECKPOINTRESPONSE']._serialized_start=1950
+  _globals['_SAVECHECKPOINTRESPONSE']._serialized_end=2027
+  _globals['_TRAINERSERVICE']._serialized_start=2186
+  _globals['_TRAINERSERVICE']._serialized_end=2786
 # @@protoc_insertion_point(module_scope)

@@ -1,4 +1,7 @@
-from weightshare.v1 import weight_export_service_pb2 as _weight_export_service_pb2
+import datetime
+
+from google.protobuf import duration_pb2 as _duration_pb2
+from weightshare.v1 import update_mode_pb2 as _update_mode_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -94,8 +97,8 @@ class TrainingOverrides(_message.Message):
     learning_rate: float
     max_steps: int
     examples_per_step: int
-    update_mode: _weight_export_service_pb2.UpdateMode
-    def __init__(self, learning_rate: _Optional[float] = ..., max_steps: _Optional[int] = ..., examples_per_step: _Optional[int] = ..., update_mode: _Optional[_Union[_weight_export_service_pb2.UpdateMode, str]] = ...) -> None: ...
+    update_mode: _update_mode_pb2.UpdateMode
+    def __init__(self, learning_rate: _Optional[float] = ..., max_steps: _Optional[int] = ..., examples_per_step: _Optional[int] = ..., update_mode: _Optional[_Union[_update_mode_pb2.UpdateMode, str]] = ...) -> None: ...
 
 class StartTrainingRequest(_message.Message):
     __slots__ = ("overrides",)
@@ -132,7 +135,7 @@ class StreamProgressRequest(_message.Message):
     def __init__(self, include_history: _Optional[bool] = ...) -> None: ...
 
 class StreamProgressResponse(_message.Message):
-    __slots__ = ("kind", "step", "loss", "tokens", "grad_norm", "learning_rate", "weights_version", "paused_seconds", "step_seconds", "tokens_per_second", "message", "pending_examples")
+    __slots__ = ("kind", "step", "loss", "tokens", "grad_norm", "learning_rate", "weights_version", "paused_seconds", "step_seconds", "tokens_per_second", "message", "pending_examples", "paused_duration", "step_duration")
     KIND_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
@@ -145,6 +148,8 @@ class StreamProgressResponse(_message.Message):
     TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     PENDING_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_DURATION_FIELD_NUMBER: _ClassVar[int]
+    STEP_DURATION_FIELD_NUMBER: _ClassVar[int]
     kind: ProgressKind
     step: int
     loss: float
@@ -157,7 +162,9 @@ class StreamProgressResponse(_message.Message):
     tokens_per_second: float
     message: str
     pending_examples: int
-    def __init__(self, kind: _Optional[_Union[ProgressKind, str]] = ..., step: _Optional[int] = ..., loss: _Optional[float] = ..., tokens: _Optional[int] = ..., grad_norm: _Optional[float] = ..., learning_rate: _Optional[float] = ..., weights_version: _Optional[int] = ..., paused_seconds: _Optional[float] = ..., step_seconds: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., message: _Optional[str] = ..., pending_examples: _Optional[int] = ...) -> None: ...
+    paused_duration: _duration_pb2.Duration
+    step_duration: _duration_pb2.Duration
+    def __init__(self, kind: _Optional[_Union[ProgressKind, str]] = ..., step: _Optional[int] = ..., loss: _Optional[float] = ..., tokens: _Optional[int] = ..., grad_norm: _Optional[float] = ..., learning_rate: _Optional[float] = ..., weights_version: _Optional[int] = ..., paused_seconds: _Optional[float] = ..., step_seconds: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., message: _Optional[str] = ..., pending_examples: _Optional[int] = ..., paused_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., step_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class GetTrainingStatusRequest(_message.Message):
     __slots__ = ()

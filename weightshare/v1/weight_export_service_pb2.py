@@ -22,60 +22,77 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from weightshare.v1 import tensors_pb2 as weightshare_dot_v1_dot_tensors__pb2
+from weightshare.v1 import update_mode_pb2 as weightshare_dot_v1_dot_update__mode__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*weightshare/v1/weight_export_service.proto\x12\x0eweightshare.v1\x1a\x1cweightshare/v1/tensors.proto\"&\n\x13GetModelInfoRequest\x12\x0f\n\x07tp_rank\x18\x01 \x01(\r\"\x92\x01\n\x14GetModelInfoResponse\x12\x18\n\x10\x63ontract_version\x18\x01 \x01(\t\x12/\n\x08identity\x18\x02 \x01(\x0b\x32\x1d.weightshare.v1.ModelIdentity\x12/\n\x0bupdate_mode\x18\x03 \x01(\x0e\x32\x1a.weightshare.v1.UpdateMode\"#\n\x10GetLayoutRequest\x12\x0f\n\x07tp_rank\x18\x01 \x01(\r\"\x93\x01\n\x11GetLayoutResponse\x12\x33\n\nparameters\x18\x01 \x03(\x0b\x32\x1f.weightshare.v1.ParameterLayout\x12\x34\n\x0e\x65ngine_tensors\x18\x02 \x03(\x0b\x32\x1c.weightshare.v1.EngineTensor\x12\x13\n\x0binstance_id\x18\x03 \x01(\t\"O\n\x14StreamHandlesRequest\x12\x0f\n\x07tp_rank\x18\x01 \x01(\r\x12\x12\n\nbatch_size\x18\x02 \x01(\r\x12\x12\n\nsession_id\x18\x03 \x01(\t\"\x9d\x01\n\x15StreamHandlesResponse\x12/\n\x08storages\x18\x01 \x03(\x0b\x32\x1d.weightshare.v1.StorageHandle\x12)\n\x05views\x18\x02 \x03(\x0b\x32\x1a.weightshare.v1.TensorView\x12\x13\n\x0btotal_views\x18\x03 \x01(\r\x12\x13\n\x0binstance_id\x18\x04 \x01(\t\"\x8e\x01\n\x14\x41ttachTrainerRequest\x12\x14\n\x0ctrainer_name\x18\x01 \x01(\t\x12\x0f\n\x07host_id\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\r\x12\x1c\n\x14\x65xpected_instance_id\x18\x04 \x01(\t\x12\x11\n\tread_only\x18\x05 \x01(\x08\x12\x11\n\ttake_over\x18\x06 \x01(\x08\"\\\n\x15\x41ttachTrainerResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12/\n\x08identity\x18\x02 \x01(\x0b\x32\x1d.weightshare.v1.ModelIdentity\"*\n\x14\x44\x65tachTrainerRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"3\n\x15\x44\x65tachTrainerResponse\x12\x1a\n\x12remaining_trainers\x18\x01 \x01(\r\"6\n\x0b\x42\x65ginUpdate\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x19\n\x11max_pause_seconds\x18\x02 \x01(\x01\"\x1f\n\x0fHeartbeatUpdate\x12\x0c\n\x04step\x18\x01 \x01(\x04\"\x1c\n\x0c\x43ommitUpdate\x12\x0c\n\x04step\x18\x01 \x01(\x04\"8\n\x0b\x41\x62ortUpdate\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x19\n\x11weights_untouched\x18\x02 \x01(\x08\"\xf6\x01\n\x14UpdateWeightsRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12,\n\x05\x62\x65gin\x18\x02 \x01(\x0b\x32\x1b.weightshare.v1.BeginUpdateH\x00\x12.\n\x06\x63ommit\x18\x03 \x01(\x0b\x32\x1c.weightshare.v1.CommitUpdateH\x00\x12,\n\x05\x61\x62ort\x18\x04 \x01(\x0b\x32\x1b.weightshare.v1.AbortUpdateH\x00\x12\x34\n\theartbeat\x18\x05 \x01(\x0b\x32\x1f.weightshare.v1.HeartbeatUpdateH\x00\x42\x08\n\x06\x61\x63tion\"\xde\x01\n\x15UpdateWeightsResponse\x12*\n\x05phase\x18\x01 \x01(\x0e\x32\x1b.weightshare.v1.UpdatePhase\x12\x17\n\x0fweights_version\x18\x02 \x01(\x04\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\x16\n\x0epaused_seconds\x18\x04 \x01(\x01\x12\x1a\n\x12pause_wait_seconds\x18\x05 \x01(\x01\x12(\n\x04mode\x18\x06 \x01(\x0e\x32\x1a.weightshare.v1.UpdateMode\x12\x14\n\x0cweights_torn\x18\x07 \x01(\x08\"\x18\n\x16GetExportStatusRequest\"u\n\x0f\x41ttachedTrainer\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\x0ctrainer_name\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\r\x12\x18\n\x10\x61ttached_seconds\x18\x04 \x01(\x01\x12\x11\n\tread_only\x18\x05 \x01(\x08\"?\n\x0b\x45xportEvent\x12\x11\n\tunix_time\x18\x01 \x01(\x01\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xef\x02\n\x17GetExportStatusResponse\x12/\n\x08identity\x18\x01 \x01(\x0b\x32\x1d.weightshare.v1.ModelIdentity\x12\x0e\n\x06paused\x18\x02 \x01(\x08\x12\x1a\n\x12update_in_progress\x18\x03 \x01(\x08\x12/\n\x0bupdate_mode\x18\x04 \x01(\x0e\x32\x1a.weightshare.v1.UpdateMode\x12\x31\n\x08trainers\x18\x05 \x03(\x0b\x32\x1f.weightshare.v1.AttachedTrainer\x12+\n\x06\x65vents\x18\x06 \x03(\x0b\x32\x1b.weightshare.v1.ExportEvent\x12\x0f\n\x07\x63ommits\x18\x07 \x01(\x04\x12\x0e\n\x06\x61\x62orts\x18\x08 \x01(\x04\x12\x1c\n\x14total_paused_seconds\x18\t \x01(\x01\x12\x14\n\x0cweights_torn\x18\n \x01(\x08\x12\x11\n\ttorn_step\x18\x0b \x01(\x04*]\n\nUpdateMode\x12\x1b\n\x17UPDATE_MODE_UNSPECIFIED\x10\x00\x12\x16\n\x12UPDATE_MODE_STRICT\x10\x01\x12\x1a\n\x16UPDATE_MODE_CONCURRENT\x10\x02*y\n\x0bUpdatePhase\x12\x1c\n\x18UPDATE_PHASE_UNSPECIFIED\x10\x00\x12\x16\n\x12UPDATE_PHASE_BEGUN\x10\x01\x12\x1a\n\x16UPDATE_PHASE_COMMITTED\x10\x02\x12\x18\n\x14UPDATE_PHASE_ABORTED\x10\x03\x32\xa4\x05\n\x13WeightExportService\x12Y\n\x0cGetModelInfo\x12#.weightshare.v1.GetModelInfoRequest\x1a$.weightshare.v1.GetModelInfoResponse\x12P\n\tGetLayout\x12 .weightshare.v1.GetLayoutRequest\x1a!.weightshare.v1.GetLayoutResponse\x12^\n\rStreamHandles\x12$.weightshare.v1.StreamHandlesRequest\x1a%.weightshare.v1.StreamHandlesResponse0\x01\x12\\\n\rAttachTrainer\x12$.weightshare.v1.AttachTrainerRequest\x1a%.weightshare.v1.AttachTrainerResponse\x12\\\n\rDetachTrainer\x12$.weightshare.v1.DetachTrainerRequest\x1a%.weightshare.v1.DetachTrainerResponse\x12`\n\rUpdateWeights\x12$.weightshare.v1.UpdateWeightsRequest\x1a%.weightshare.v1.UpdateWeightsResponse(\x01\x30\x01\x12\x62\n\x0fGetExportStatus\x12&.weightshare.v1.GetExportStatusRequest\x1a\'.weightshare.v1.GetExportStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*weightshare/v1/weight_export_service.proto\x12\x0eweightshare.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1cweightshare/v1/tensors.proto\x1a weightshare/v1/update_mode.proto\"&\n\x13GetModelInfoRequest\x12\x0f\n\x07tp_rank\x18\x01 \x01(\r\"\x92\x01\n\x14GetModelInfoResponse\x12\x18\n\x10\x63ontract_version\x18\x01 \x01(\t\x12/\n\x08identity\x18\x02 \x01(\x0b\x32\x1d.weightshare.v1.ModelIdentity\x12/\n\x0bupdate_mode\x18\x03 \x01(\x0e\x32\x1a.weightshare.v1.UpdateMode\"#\n\x10GetLayoutRequest\x12\x0f\n\x07tp_rank\x18\x01 \x01(\r\"\x93\x01\n\x11GetLayoutResponse\x12\x33\n\nparameters\x18\x01 \x03(\x0b\x32\x1f.weightshare.v1.ParameterLayout\x12\x34\n\x0e\x65ngine_tensors\x18\x02 \x03(\x0b\x32\x1c.weightshare.v1.EngineTensor\x12\x13\n\x0binstance_id\x18\x03 \x01(\t\"O\n\x14StreamHandlesRequest\x12\x0f\n\x07tp_rank\x18\x01 \x01(\r\x12\x12\n\nbatch_size\x18\x02 \x01(\r\x12\x12\n\nsession_id\x18\x03 \x01(\t\"\x9d\x01\n\x15StreamHandlesResponse\x12/\n\x08storages\x18\x01 \x03(\x0b\x32\x1d.weightshare.v1.StorageHandle\x12)\n\x05views\x18\x02 \x03(\x0b\x32\x1a.weightshare.v1.TensorView\x12\x13\n\x0btotal_views\x18\x03 \x01(\r\x12\x13\n\x0binstance_id\x18\x04 \x01(\t\"\x8e\x01\n\x14\x41ttachTrainerRequest\x12\x14\n\x0ctrainer_name\x18\x01 \x01(\t\x12\x0f\n\x07host_id\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\r\x12\x1c\n\x14\x65xpected_instance_id\x18\x04 \x01(\t\x12\x11\n\tread_only\x18\x05 \x01(\x08\x12\x11\n\ttake_over\x18\x06 \x01(\x08\"\\\n\x15\x41ttachTrainerResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12/\n\x08identity\x18\x02 \x01(\x0b\x32\x1d.weightshare.v1.ModelIdentity\"*\n\x14\x44\x65tachTrainerRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"3\n\x15\x44\x65tachTrainerResponse\x12\x1a\n\x12remaining_trainers\x18\x01 \x01(\r\"q\n\x0b\x42\x65ginUpdate\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x1d\n\x11max_pause_seconds\x18\x02 \x01(\x01\x42\x02\x18\x01\x12\x35\n\x12max_pause_duration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x1f\n\x0fHeartbeatUpdate\x12\x0c\n\x04step\x18\x01 \x01(\x04\"\x1c\n\x0c\x43ommitUpdate\x12\x0c\n\x04step\x18\x01 \x01(\x04\"8\n\x0b\x41\x62ortUpdate\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x19\n\x11weights_untouched\x18\x02 \x01(\x08\"\xf6\x01\n\x14UpdateWeightsRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12,\n\x05\x62\x65gin\x18\x02 \x01(\x0b\x32\x1b.weightshare.v1.BeginUpdateH\x00\x12.\n\x06\x63ommit\x18\x03 \x01(\x0b\x32\x1c.weightshare.v1.CommitUpdateH\x00\x12,\n\x05\x61\x62ort\x18\x04 \x01(\x0b\x32\x1b.weightshare.v1.AbortUpdateH\x00\x12\x34\n\theartbeat\x18\x05 \x01(\x0b\x32\x1f.weightshare.v1.HeartbeatUpdateH\x00\x42\x08\n\x06\x61\x63tion\"\xd2\x02\n\x15UpdateWeightsResponse\x12*\n\x05phase\x18\x01 \x01(\x0e\x32\x1b.weightshare.v1.UpdatePhase\x12\x17\n\x0fweights_version\x18\x02 \x01(\x04\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\x1a\n\x0epaused_seconds\x18\x04 \x01(\x01\x42\x02\x18\x01\x12\x1e\n\x12pause_wait_seconds\x18\x05 \x01(\x01\x42\x02\x18\x01\x12(\n\x04mode\x18\x06 \x01(\x0e\x32\x1a.weightshare.v1.UpdateMode\x12\x14\n\x0cweights_torn\x18\x07 \x01(\x08\x12\x32\n\x0fpaused_duration\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x36\n\x13pause_wait_duration\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\"\x18\n\x16GetExportStatusRequest\"\xaf\x01\n\x0f\x41ttachedTrainer\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\x0ctrainer_name\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\r\x12\x1c\n\x10\x61ttached_seconds\x18\x04 \x01(\x01\x42\x02\x18\x01\x12\x11\n\tread_only\x18\x05 \x01(\x08\x12\x34\n\x11\x61ttached_duration\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xa6\x01\n\x0b\x45xportEvent\x12\x15\n\tunix_time\x18\x01 \x01(\x01\x42\x02\x18\x01\x12\x10\n\x04kind\x18\x02 \x01(\tB\x02\x18\x01\x12\x0f\n\x07message\x18\x03 \x01(\t\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\nevent_kind\x18\x05 \x01(\x0e\x32\x1f.weightshare.v1.ExportEventKind\"\xad\x03\n\x17GetExportStatusResponse\x12/\n\x08identity\x18\x01 \x01(\x0b\x32\x1d.weightshare.v1.ModelIdentity\x12\x0e\n\x06paused\x18\x02 \x01(\x08\x12\x1a\n\x12update_in_progress\x18\x03 \x01(\x08\x12/\n\x0bupdate_mode\x18\x04 \x01(\x0e\x32\x1a.weightshare.v1.UpdateMode\x12\x31\n\x08trainers\x18\x05 \x03(\x0b\x32\x1f.weightshare.v1.AttachedTrainer\x12+\n\x06\x65vents\x18\x06 \x03(\x0b\x32\x1b.weightshare.v1.ExportEvent\x12\x0f\n\x07\x63ommits\x18\x07 \x01(\x04\x12\x0e\n\x06\x61\x62orts\x18\x08 \x01(\x04\x12 \n\x14total_paused_seconds\x18\t \x01(\x01\x42\x02\x18\x01\x12\x14\n\x0cweights_torn\x18\n \x01(\x08\x12\x11\n\ttorn_step\x18\x0b \x01(\x04\x12\x38\n\x15total_paused_duration\x18\x0c \x01(\x0b\x32\x19.google.protobuf.Duration*y\n\x0bUpdatePhase\x12\x1c\n\x18UPDATE_PHASE_UNSPECIFIED\x10\x00\x12\x16\n\x12UPDATE_PHASE_BEGUN\x10\x01\x12\x1a\n\x16UPDATE_PHASE_COMMITTED\x10\x02\x12\x18\n\x14UPDATE_PHASE_ABORTED\x10\x03*\xa7\x03\n\x0f\x45xportEventKind\x12!\n\x1d\x45XPORT_EVENT_KIND_UNSPECIFIED\x10\x00\x12)\n%EXPORT_EVENT_KIND_WEIGHTS_MAY_BE_TORN\x10\x01\x12(\n$EXPORT_EVENT_KIND_WEIGHTS_CONSISTENT\x10\x02\x12,\n(EXPORT_EVENT_KIND_PREFIX_CACHE_NOT_RESET\x10\x03\x12\x30\n,EXPORT_EVENT_KIND_STREAM_BROKEN_WHILE_PAUSED\x10\x04\x12#\n\x1f\x45XPORT_EVENT_KIND_STREAM_BROKEN\x10\x05\x12#\n\x1f\x45XPORT_EVENT_KIND_PAUSE_TIMEOUT\x10\x06\x12%\n!EXPORT_EVENT_KIND_SERVER_SHUTDOWN\x10\x07\x12\"\n\x1e\x45XPORT_EVENT_KIND_TRAINER_GONE\x10\x08\x12\'\n#EXPORT_EVENT_KIND_WRITER_TAKEN_OVER\x10\t2\xa4\x05\n\x13WeightExportService\x12Y\n\x0cGetModelInfo\x12#.weightshare.v1.GetModelInfoRequest\x1a$.weightshare.v1.GetModelInfoResponse\x12P\n\tGetLayout\x12 .weightshare.v1.GetLayoutRequest\x1a!.weightshare.v1.GetLayoutResponse\x12^\n\rStreamHandles\x12$.weightshare.v1.StreamHandlesRequest\x1a%.weightshare.v1.StreamHandlesResponse0\x01\x12\\\n\rAttachTrainer\x12$.weightshare.v1.AttachTrainerRequest\x1a%.weightshare.v1.AttachTrainerResponse\x12\\\n\rDetachTrainer\x12$.weightshare.v1.DetachTrainerRequest\x1a%.weightshare.v1.DetachTrainerResponse\x12`\n\rUpdateWeights\x12$.weightshare.v1.UpdateWeightsRequest\x1a%.weightshare.v1.UpdateWeightsResponse(\x01\x30\x01\x12\x62\n\x0fGetExportStatus\x12&.weightshare.v1.GetExportStatusRequest\x1a\'.weightshare.v1.GetExportStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'weightshare.v1.weight_export_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_UPDATEMODE']._serialized_start=2276
-  _globals['_UPDATEMODE']._serialized_end=2369
-  _globals['_UPDATEPHASE']._serialized_start=2371
-  _globals['_UPDATEPHASE']._serialized_end=2492
-  _globals['_GETMODELINFOREQUEST']._serialized_start=92
-  _globals['_GETMODELINFOREQUEST']._serialized_end=130
-  _globals['_GETMODELINFORESPONSE']._serialized_start=133
-  _globals['_GETMODELINFORESPONSE']._serialized_end=279
-  _globals['_GETLAYOUTREQUEST']._serialized_start=281
-  _globals['_GETLAYOUTREQUEST']._serialized_end=316
-  _globals['_GETLAYOUTRESPONSE']._serialized_start=319
-  _globals['_GETLAYOUTRESPONSE']._serialized_end=466
-  _globals['_STREAMHANDLESREQUEST']._serialized_start=468
-  _globals['_STREAMHANDLESREQUEST']._serialized_end=547
-  _globals['_STREAMHANDLESRESPONSE']._serialized_start=550
-  _globals['_STREAMHANDLESRESPONSE']._serialized_end=707
-  _globals['_ATTACHTRAINERREQUEST']._serialized_start=710
-  _globals['_ATTACHTRAINERREQUEST']._serialized_end=852
-  _globals['_ATTACHTRAINERRESPONSE']._serialized_start=854
-  _globals['_ATTACHTRAINERRESPONSE']._serialized_end=946
-  _globals['_DETACHTRAINERREQUEST']._serialized_start=948
-  _globals['_DETACHTRAINERREQUEST']._serialized_end=990
-  _globals['_DETACHTRAINERRESPONSE']._serialized_start=992
-  _globals['_DETACHTRAINERRESPONSE']._serialized_end=1043
-  _globals['_BEGINUPDATE']._serialized_start=1045
-  _globals['_BEGINUPDATE']._serialized_end=1099
-  _globals['_HEARTBEATUPDATE']._serialized_start=1101
-  _globals['_HEARTBEATUPDATE']._serialized_end=1132
-  _globals['_COMMITUPDATE']._serialized_start=1134
-  _globals['_COMMITUPDATE']._serialized_end=1162
-  _globals['_ABORTUPDATE']._serialized_start=1164
-  _globals['_ABORTUPDATE']._serialized_end=1220
-  _globals['_UPDATEWEIGHTSREQUEST']._serialized_start=1223
-  _globals['_UPDATEWEIGHTSREQUEST']._serialized_end=1469
-  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_start=1472
-  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_end=1694
-  _globals['_GETEXPORTSTATUSREQUEST']._serialized_start=1696
-  _globals['_GETEXPORTSTATUSREQUEST']._serialized_end=1720
-  _globals['_ATTACHEDTRAINER']._serialized_start=1722
-  _globals['_ATTACHEDTRAINER']._serialized_end=1839
-  _globals['_EXPORTEVENT']._serialized_start=1841
-  _globals['_EXPORTEVENT']._serialized_end=1904
-  _globals['_GETEXPORTSTATUSRESPONSE']._serialized_start=1907
-  _globals['_GETEXPORTSTATUSRESPONSE']._serialized_end=2274
-  _globals['_WEIGHTEXPORTSERVICE']._serialized_start=2495
-  _globals['_WEIGHTEXPORTSERVICE']._serialized_end=3171
+  _globals['_BEGINUPDATE'].fields_by_name['max_pause_seconds']._loaded_options = None
+  _globals['_BEGINUPDATE'].fields_by_name['max_pause_seconds']._serialized_options = b'\030\001'
+  _globals['_UPDATEWEIGHTSRESPONSE'].fields_by_name['paused_seconds']._loaded_options = None
+  _globals['_UPDATEWEIGHTSRESPONSE'].fields_by_name['paused_seconds']._serialized_options = b'\030\001'
+  _globals['_UPDATEWEIGHTSRESPONSE'].fields_by_name['pause_wait_seconds']._loaded_options = None
+  _globals['_UPDATEWEIGHTSRESPONSE'].fields_by_name['pause_wait_seconds']._serialized_options = b'\030\001'
+  _globals['_ATTACHEDTRAINER'].fields_by_name['attached_seconds']._loaded_options = None
+  _globals['_ATTACHEDTRAINER'].fields_by_name['attached_seconds']._serialized_options = b'\030\001'
+  _globals['_EXPORTEVENT'].fields_by_name['unix_time']._loaded_options = None
+  _globals['_EXPORTEVENT'].fields_by_name['unix_time']._serialized_options = b'\030\001'
+  _globals['_EXPORTEVENT'].fields_by_name['kind']._loaded_options = None
+  _globals['_EXPORTEVENT'].fields_by_name['kind']._serialized_options = b'\030\001'
+  _globals['_GETEXPORTSTATUSRESPONSE'].fields_by_name['total_paused_seconds']._loaded_options = None
+  _globals['_GETEXPORTSTATUSRESPONSE'].fields_by_name['total_paused_seconds']._serialized_options = b'\030\001'
+  _globals['_UPDATEPHASE']._serialized_start=2775
+  _globals['_UPDATEPHASE']._serialized_end=2896
+  _globals['_EXPORTEVENTKIND']._serialized_start=2899
+  _globals['_EXPORTEVENTKIND']._serialized_end=3322
+  _globals['_GETMODELINFOREQUEST']._serialized_start=191
+  _globals['_GETMODELINFOREQUEST']._serialized_end=229
+  _globals['_GETMODELINFORESPONSE']._serialized_start=232
+  _globals['_GETMODELINFORESPONSE']._serialized_end=378
+  _globals['_GETLAYOUTREQUEST']._serialized_start=380
+  _globals['_GETLAYOUTREQUEST']._serialized_end=415
+  _globals['_GETLAYOUTRESPONSE']._serialized_start=418
+  _globals['_GETLAYOUTRESPONSE']._serialized_end=565
+  _globals['_STREAMHANDLESREQUEST']._serialized_start=567
+  _globals['_STREAMHANDLESREQUEST']._serialized_end=646
+  _globals['_STREAMHANDLESRESPONSE']._serialized_start=649
+  _globals['_STREAMHANDLESRESPONSE']._serialized_end=806
+  _globals['_ATTACHTRAINERREQUEST']._serialized_start=809
+  _globals['_ATTACHTRAINERREQUEST']._serialized_end=951
+  _globals['_ATTACHTRAINERRESPONSE']._serialized_start=953
+  _globals['_ATTACHTRAINERRESPONSE']._serialized_end=1045
+  _globals['_DETACHTRAINERREQUEST']._serialized_start=1047
+  _globals['_DETACHTRAINERREQUEST']._serialized_end=1089
+  _globals['_DETACHTRAINERRESPONSE']._serialized_start=1091
+  _globals['_DETACHTRAINERRESPONSE']._serialized_end=1142
+  _globals['_BEGINUPDATE']._serialized_start=1144
+  _globals['_BEGINUPDATE']._serialized_end=1257
+  _globals['_HEARTBEATUPDATE']._serialized_start=1259
+  _globals['_HEARTBEATUPDATE']._serialized_end=1290
+  _globals['_COMMITUPDATE']._serialized_start=1292
+  _globals['_COMMITUPDATE']._serialized_end=1320
+  _globals['_ABORTUPDATE']._serialized_start=1322
+  _globals['_ABORTUPDATE']._serialized_end=1378
+  _globals['_UPDATEWEIGHTSREQUEST']._serialized_start=1381
+  _globals['_UPDATEWEIGHTSREQUEST']._serialized_end=1627
+  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_start=1630
+  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_end=1968
+  _globals['_GETEXPORTSTATUSREQUEST']._serialized_start=1970
+  _globals['_GETEXPORTSTATUSREQUEST']._serialized_end=1994
+  _globals['_ATTACHEDTRAINER']._serialized_start=1997
+  _globals['_ATTACHEDTRAINER']._serialized_end=2172
+  _globals['_EXPORTEVENT']._serialized_start=2175
+  _globals['_EXPORTEVENT']._serialized_end=2341
+  _globals['_GETEXPORTSTATUSRESPONSE']._serialized_start=2344
+  _globals['_GETEXPORTSTATUSRESPONSE']._serialized_end=2773
+  _globals['_WEIGHTEXPORTSERVICE']._serialized_start=3325
+  _globals['_WEIGHTEXPORTSERVICE']._serialized_end=4001
 # @@protoc_insertion_point(module_scope)

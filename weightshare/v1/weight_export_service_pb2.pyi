@@ -1,4 +1,9 @@
+import datetime
+
+from google.protobuf import duration_pb2 as _duration_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from weightshare.v1 import tensors_pb2 as _tensors_pb2
+from weightshare.v1 import update_mode_pb2 as _update_mode_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -8,25 +13,39 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class UpdateMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
-    __slots__ = ()
-    UPDATE_MODE_UNSPECIFIED: _ClassVar[UpdateMode]
-    UPDATE_MODE_STRICT: _ClassVar[UpdateMode]
-    UPDATE_MODE_CONCURRENT: _ClassVar[UpdateMode]
-
 class UpdatePhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     UPDATE_PHASE_UNSPECIFIED: _ClassVar[UpdatePhase]
     UPDATE_PHASE_BEGUN: _ClassVar[UpdatePhase]
     UPDATE_PHASE_COMMITTED: _ClassVar[UpdatePhase]
     UPDATE_PHASE_ABORTED: _ClassVar[UpdatePhase]
-UPDATE_MODE_UNSPECIFIED: UpdateMode
-UPDATE_MODE_STRICT: UpdateMode
-UPDATE_MODE_CONCURRENT: UpdateMode
+
+class ExportEventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EXPORT_EVENT_KIND_UNSPECIFIED: _ClassVar[ExportEventKind]
+    EXPORT_EVENT_KIND_WEIGHTS_MAY_BE_TORN: _ClassVar[ExportEventKind]
+    EXPORT_EVENT_KIND_WEIGHTS_CONSISTENT: _ClassVar[ExportEventKind]
+    EXPORT_EVENT_KIND_PREFIX_CACHE_NOT_RESET: _ClassVar[ExportEventKind]
+    EXPORT_EVENT_KIND_STREAM_BROKEN_WHILE_PAUSED: _ClassVar[ExportEventKind]
+    EXPORT_EVENT_KIND_STREAM_BROKEN: _ClassVar[ExportEventKind]
+    EXPORT_EVENT_KIND_PAUSE_TIMEOUT: _ClassVar[ExportEventKind]
+    EXPORT_EVENT_KIND_SERVER_SHUTDOWN: _ClassVar[ExportEventKind]
+    EXPORT_EVENT_KIND_TRAINER_GONE: _ClassVar[ExportEventKind]
+    EXPORT_EVENT_KIND_WRITER_TAKEN_OVER: _ClassVar[ExportEventKind]
 UPDATE_PHASE_UNSPECIFIED: UpdatePhase
 UPDATE_PHASE_BEGUN: UpdatePhase
 UPDATE_PHASE_COMMITTED: UpdatePhase
 UPDATE_PHASE_ABORTED: UpdatePhase
+EXPORT_EVENT_KIND_UNSPECIFIED: ExportEventKind
+EXPORT_EVENT_KIND_WEIGHTS_MAY_BE_TORN: ExportEventKind
+EXPORT_EVENT_KIND_WEIGHTS_CONSISTENT: ExportEventKind
+EXPORT_EVENT_KIND_PREFIX_CACHE_NOT_RESET: ExportEventKind
+EXPORT_EVENT_KIND_STREAM_BROKEN_WHILE_PAUSED: ExportEventKind
+EXPORT_EVENT_KIND_STREAM_BROKEN: ExportEventKind
+EXPORT_EVENT_KIND_PAUSE_TIMEOUT: ExportEventKind
+EXPORT_EVENT_KIND_SERVER_SHUTDOWN: ExportEventKind
+EXPORT_EVENT_KIND_TRAINER_GONE: ExportEventKind
+EXPORT_EVENT_KIND_WRITER_TAKEN_OVER: ExportEventKind
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ("tp_rank",)
@@ -41,8 +60,8 @@ class GetModelInfoResponse(_message.Message):
     UPDATE_MODE_FIELD_NUMBER: _ClassVar[int]
     contract_version: str
     identity: _tensors_pb2.ModelIdentity
-    update_mode: UpdateMode
-    def __init__(self, contract_version: _Optional[str] = ..., identity: _Optional[_Union[_tensors_pb2.ModelIdentity, _Mapping]] = ..., update_mode: _Optional[_Union[UpdateMode, str]] = ...) -> None: ...
+    update_mode: _update_mode_pb2.UpdateMode
+    def __init__(self, contract_version: _Optional[str] = ..., identity: _Optional[_Union[_tensors_pb2.ModelIdentity, _Mapping]] = ..., update_mode: _Optional[_Union[_update_mode_pb2.UpdateMode, str]] = ...) -> None: ...
 
 class GetLayoutRequest(_message.Message):
     __slots__ = ("tp_rank",)
@@ -119,12 +138,14 @@ class DetachTrainerResponse(_message.Message):
     def __init__(self, remaining_trainers: _Optional[int] = ...) -> None: ...
 
 class BeginUpdate(_message.Message):
-    __slots__ = ("step", "max_pause_seconds")
+    __slots__ = ("step", "max_pause_seconds", "max_pause_duration")
     STEP_FIELD_NUMBER: _ClassVar[int]
     MAX_PAUSE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_PAUSE_DURATION_FIELD_NUMBER: _ClassVar[int]
     step: int
     max_pause_seconds: float
-    def __init__(self, step: _Optional[int] = ..., max_pause_seconds: _Optional[float] = ...) -> None: ...
+    max_pause_duration: _duration_pb2.Duration
+    def __init__(self, step: _Optional[int] = ..., max_pause_seconds: _Optional[float] = ..., max_pause_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class HeartbeatUpdate(_message.Message):
     __slots__ = ("step",)
@@ -161,7 +182,7 @@ class UpdateWeightsRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., begin: _Optional[_Union[BeginUpdate, _Mapping]] = ..., commit: _Optional[_Union[CommitUpdate, _Mapping]] = ..., abort: _Optional[_Union[AbortUpdate, _Mapping]] = ..., heartbeat: _Optional[_Union[HeartbeatUpdate, _Mapping]] = ...) -> None: ...
 
 class UpdateWeightsResponse(_message.Message):
-    __slots__ = ("phase", "weights_version", "step", "paused_seconds", "pause_wait_seconds", "mode", "weights_torn")
+    __slots__ = ("phase", "weights_version", "step", "paused_seconds", "pause_wait_seconds", "mode", "weights_torn", "paused_duration", "pause_wait_duration")
     PHASE_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_VERSION_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -169,45 +190,55 @@ class UpdateWeightsResponse(_message.Message):
     PAUSE_WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_TORN_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_DURATION_FIELD_NUMBER: _ClassVar[int]
+    PAUSE_WAIT_DURATION_FIELD_NUMBER: _ClassVar[int]
     phase: UpdatePhase
     weights_version: int
     step: int
     paused_seconds: float
     pause_wait_seconds: float
-    mode: UpdateMode
+    mode: _update_mode_pb2.UpdateMode
     weights_torn: bool
-    def __init__(self, phase: _Optional[_Union[UpdatePhase, str]] = ..., weights_version: _Optional[int] = ..., step: _Optional[int] = ..., paused_seconds: _Optional[float] = ..., pause_wait_seconds: _Optional[float] = ..., mode: _Optional[_Union[UpdateMode, str]] = ..., weights_torn: _Optional[bool] = ...) -> None: ...
+    paused_duration: _duration_pb2.Duration
+    pause_wait_duration: _duration_pb2.Duration
+    def __init__(self, phase: _Optional[_Union[UpdatePhase, str]] = ..., weights_version: _Optional[int] = ..., step: _Optional[int] = ..., paused_seconds: _Optional[float] = ..., pause_wait_seconds: _Optional[float] = ..., mode: _Optional[_Union[_update_mode_pb2.UpdateMode, str]] = ..., weights_torn: _Optional[bool] = ..., paused_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., pause_wait_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class GetExportStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class AttachedTrainer(_message.Message):
-    __slots__ = ("session_id", "trainer_name", "pid", "attached_seconds", "read_only")
+    __slots__ = ("session_id", "trainer_name", "pid", "attached_seconds", "read_only", "attached_duration")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TRAINER_NAME_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     ATTACHED_SECONDS_FIELD_NUMBER: _ClassVar[int]
     READ_ONLY_FIELD_NUMBER: _ClassVar[int]
+    ATTACHED_DURATION_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     trainer_name: str
     pid: int
     attached_seconds: float
     read_only: bool
-    def __init__(self, session_id: _Optional[str] = ..., trainer_name: _Optional[str] = ..., pid: _Optional[int] = ..., attached_seconds: _Optional[float] = ..., read_only: _Optional[bool] = ...) -> None: ...
+    attached_duration: _duration_pb2.Duration
+    def __init__(self, session_id: _Optional[str] = ..., trainer_name: _Optional[str] = ..., pid: _Optional[int] = ..., attached_seconds: _Optional[float] = ..., read_only: _Optional[bool] = ..., attached_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class ExportEvent(_message.Message):
-    __slots__ = ("unix_time", "kind", "message")
+    __slots__ = ("unix_time", "kind", "message", "time", "event_kind")
     UNIX_TIME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    EVENT_KIND_FIELD_NUMBER: _ClassVar[int]
     unix_time: float
     kind: str
     message: str
-    def __init__(self, unix_time: _Optional[float] = ..., kind: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+    time: _timestamp_pb2.Timestamp
+    event_kind: ExportEventKind
+    def __init__(self, unix_time: _Optional[float] = ..., kind: _Optional[str] = ..., message: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., event_kind: _Optional[_Union[ExportEventKind, str]] = ...) -> None: ...
 
 class GetExportStatusResponse(_message.Message):
-    __slots__ = ("identity", "paused", "update_in_progress", "update_mode", "trainers", "events", "commits", "aborts", "total_paused_seconds", "weights_torn", "torn_step")
+    __slots__ = ("identity", "paused", "update_in_progress", "update_mode", "trainers", "events", "commits", "aborts", "total_paused_seconds", "weights_torn", "torn_step", "total_paused_duration")
     IDENTITY_FIELD_NUMBER: _ClassVar[int]
     PAUSED_FIELD_NUMBER: _ClassVar[int]
     UPDATE_IN_PROGRESS_FIELD_NUMBER: _ClassVar[int]
@@ -219,10 +250,11 @@ class GetExportStatusResponse(_message.Message):
     TOTAL_PAUSED_SECONDS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_TORN_FIELD_NUMBER: _ClassVar[int]
     TORN_STEP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_PAUSED_DURATION_FIELD_NUMBER: _ClassVar[int]
     identity: _tensors_pb2.ModelIdentity
     paused: bool
     update_in_progress: bool
-    update_mode: UpdateMode
+    update_mode: _update_mode_pb2.UpdateMode
     trainers: _containers.RepeatedCompositeFieldContainer[AttachedTrainer]
     events: _containers.RepeatedCompositeFieldContainer[ExportEvent]
     commits: int
@@ -230,4 +262,5 @@ class GetExportStatusResponse(_message.Message):
     total_paused_seconds: float
     weights_torn: bool
     torn_step: int
-    def __init__(self, identity: _Optional[_Union[_tensors_pb2.ModelIdentity, _Mapping]] = ..., paused: _Optional[bool] = ..., update_in_progress: _Optional[bool] = ..., update_mode: _Optional[_Union[UpdateMode, str]] = ..., trainers: _Optional[_Iterable[_Union[AttachedTrainer, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[ExportEvent, _Mapping]]] = ..., commits: _Optional[int] = ..., aborts: _Optional[int] = ..., total_paused_seconds: _Optional[float] = ..., weights_torn: _Optional[bool] = ..., torn_step: _Optional[int] = ...) -> None: ...
+    total_paused_duration: _duration_pb2.Duration
+    def __init__(self, identity: _Optional[_Union[_tensors_pb2.ModelIdentity, _Mapping]] = ..., paused: _Optional[bool] = ..., update_in_progress: _Optional[bool] = ..., update_mode: _Optional[_Union[_update_mode_pb2.UpdateMode, str]] = ..., trainers: _Optional[_Iterable[_Union[AttachedTrainer, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[ExportEvent, _Mapping]]] = ..., commits: _Optional[int] = ..., aborts: _Optional[int] = ..., total_paused_seconds: _Optional[float] = ..., weights_torn: _Optional[bool] = ..., torn_step: _Optional[int] = ..., total_paused_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
