@@ -35,8 +35,8 @@ _ROWS_BLOCK_R, _ROWS_BLOCK_C = 4, 512
 # so short-and-wide matrices still fill the GPU.
 _COLS_BLOCK_C, _COLS_BLOCK_R = 1024, 2
 _TARGET_PROGRAMS = 2048
-# Elements of the parameter per program of the update kernel.
-_UPDATE_BLOCK = 4096
+# Tile of the parameter per program of the update kernel.
+_UPDATE_BLOCK_R, _UPDATE_BLOCK_C = 4, 1024
 
 
 def fits(grad: Tensor, rank: int) -> bool:
@@ -121,49 +121,27 @@ def apply_update(p: Tensor, grad: Tensor, coef: Tensor, step_size: float, decay:
     an fp32 coefficient takes its slow mixed-dtype path (4x this kernel on an H200).
     """
     rows, cols = p.shape
-    grid = (triton.cdiv(rows * cols, _UPDATE_BLOCK),)
+    grid = (triton.cdiv(rows, _UPDATE_BLOCK_R), triton.cdiv(cols, _UPDATE_BLOCK_C))
     coef = coef.expand(rows, cols)
     _update_kernel[grid](
-        p,
-        grad,
-        coef,
-        rows,
-        cols,
-        p.stride(0),
-        p.stride(1),
-        grad.stride(0),
-        grad.stride(1),
-        coef.stride(0),
-        coef.stride(1),
-        -step_size,
-        1.0 - decay,
-        BLOCK=_UPDATE_BLOCK,
-    )
+        p, grad, coef, rows, cols, p.stride(0), p.stride(1), grad.stride(0), grad.stride(1),
+        coef.stride(0), coef.stride(1), -step_size, 1.0 - decay,
+        BLOCK_R=_UPDATE_BLOCK_R, BLOCK_C=_UPDATE_BLOCK_C,
+    )  # fmt: skip
 
 
 if triton is not None:
 
     @triton.jit
     def _update_kernel(
-        p_ptr,
-        g_ptr,
-        coef_ptr,
-        n_rows,
-        n_cols,
-        p_stride_r,
-        p_stride_c,
-        g_stride_r,
-        g_stride_c,
-        coef_stride_r,
-        coef_stride_c,
-        neg_step_size,
-        keep,
-        BLOCK: tl.constexpr,
-    ):
-        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offsets < n_rows * n_cols
-        rows = offsets // n_cols
-        cols = offsets % n_cols
+        p_ptr, g_ptr, coef_ptr, n_rows, n_cols, p_stride_r, p_stride_c, g_stride_r, g_stride_c,
+        coef_stride_r, coef_stride_c, neg_step_size, keep,
+        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):  # fmt: skip
+        # 2-D tiles: no integer division per element, and unit column strides load as vectors.
+        rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)[:, None]
+        cols = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)[None, :]
+        mask = (rows < n_rows) & (cols < n_cols)
         p_at = p_ptr + rows * p_stride_r + cols * p_stride_c
         p = tl.load(p_at, mask=mask, other=0.0)
         g = tl.load(g_ptr + rows * g_stride_r + cols * g_stride_c, mask=mask, other=0.0).to(tl.float32)
