@@ -469,9 +469,9 @@ def report(results: dict) -> str:
         lines.append(
             f"- **the protocol alone** ({p['n']} begin+commit with nothing written): begin {p['begin_rtt_s'] * 1e3:.2f} ms, "
             f"commit {p['commit_rtt_s'] * 1e3:.2f} ms, begin → commit ack {p['begin_to_commit_ack_s'] * 1e3:.2f} ms "
-            f"(medians); vLLM reported paused {p['paused_s'] * 1e3:.2f} ms. A strict-mode begin calls vLLM's "
-            "`AsyncLLM.pause_generation`, which ends with `await asyncio.sleep(0.02)` (v1/engine/async_llm.py in "
-            "vLLM 0.26 and 0.32): 20 ms of every strict begin; concurrent mode does not pause.")
+            f"(medians); vLLM reported paused {p['paused_s'] * 1e3:.2f} ms. A strict-mode begin pauses vLLM's "
+            "scheduler directly (`weightshare/vllm_compat.py` `pause_keeping_requests`, without the 20 ms "
+            "ordering sleep of `AsyncLLM.pause_generation`); concurrent mode does not pause.")
     if base:
         lines.append(f"- **in place, beyond the writes**: {base['beyond_writes_s'] * 1e3:.2f} ms of protocol "
                      f"(begin {base['begin_rtt_s'] * 1e3:.2f} + commit {base['commit_rtt_s'] * 1e3:.2f} ms) and the "
