@@ -55,19 +55,26 @@ CHECK = textwrap.dedent(
             apollo_kernels.apply_update(p, grad, coef, 0.01, 0.001)
             torch.testing.assert_close(p, want)  # the kernel may fuse to an FMA: rounding, not math
             assert torch.equal(base[:, :1], base[:, :1]) and base[:, -2:].isfinite().all()
-        # Whole optimizer steps, kernels on and off.
+        # Whole optimizer steps: grouped kernels (one launch per pass), per-matrix kernels, torch path.
+        # One parameter is a strided view, as a parameter bound into a merged vLLM tensor is.
         runs = []
-        for use_triton in (True, False):
-            params = [nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(1)).to(device, dtype))
-                      for s in shapes[:3]]
+        for use_triton, foreach in ((True, True), (True, False), (False, True)):
+            init = torch.Generator().manual_seed(1)
+            params = [nn.Parameter(torch.randn(s, generator=init).to(device, dtype)) for s in shapes[:3]]
+            params.append(nn.Parameter(torch.randn(40, 9, generator=init).to(device, dtype)[:, 2:7]))
             opt = Apollo([{"params": params, "rank": 1, "scale": 128.0, "scale_type": "tensor"}],
-                         lr=1e-2, use_triton=use_triton)
+                         lr=1e-2, weight_decay=0.1, use_triton=use_triton, foreach=foreach)
             for step in range(3):
                 step_gen = torch.Generator().manual_seed(100 + step)
                 for p in params:
                     p.grad = torch.randn(p.shape, generator=step_gen).to(device, dtype)
                 opt.step()
             runs.append(params)
+        grouped, per_matrix, torch_path = runs
+        for a, b in zip(grouped, per_matrix):
+            # The same kernels' arithmetic, one launch or many: equal to fp32 rounding of the sums.
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        runs = [grouped, torch_path]
         tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 0.0, "atol": 0.0}
         for a, b in zip(*runs):
             # bf16: the fp32 update must round to the same bf16 value almost everywhere. Triton's
@@ -79,6 +86,7 @@ CHECK = textwrap.dedent(
                 assert (a != b).float().mean() < 1e-3, (a != b).float().mean()
             else:
                 torch.testing.assert_close(a, b, **tol)
+    assert apollo_kernels.fits_group(grouped, 1)
     print("kernels agree")
     """
 )

@@ -227,15 +227,18 @@ class Apollo(torch.optim.Optimizer):
         self, p: Tensor, state: dict[str, Any], group: dict[str, Any], step: int
     ) -> tuple[Tensor, Tensor]:
         """First pass over p's gradient: (R, channel_sq), the projected gradient and channel norms^2."""
-        rank = group["rank"]
+        return self._first_pass(p.grad, self._projection(p, state, group, step), group["rank"])
+
+    def _first_pass(self, grad: Tensor, proj: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+        if self._use_triton and apollo_kernels.fits(grad, rank):
+            return apollo_kernels.project_rank1(grad, proj)
+        return _project_in_chunks(grad, proj)
+
+    def _projection(self, p: Tensor, state: dict[str, Any], group: dict[str, Any], step: int) -> Tensor:
+        """This step's projection of `p`, drawn anew every `update_proj_gap` steps of `p`."""
         if step > 0 and step % group["update_proj_gap"] == 0:
             state["seed"] = next_seed(state["seed"])
-        proj = self._projection(p, state["seed"], rank)
-        if self._use_triton and apollo_kernels.fits(p.grad, rank):
-            return apollo_kernels.project_rank1(p.grad, proj)
-        return _project_in_chunks(p.grad, proj)
-
-    def _projection(self, p: Tensor, seed: int, rank: int) -> Tensor:
+        seed, rank = state["seed"], group["rank"]
         cached = self._projections.get(p)
         if cached is not None and cached[0] == seed:
             return cached[1]
@@ -252,17 +255,25 @@ class Apollo(torch.optim.Optimizer):
         each matrix's one write. Leaves no per-matrix host sync.
         """
         beta1, beta2 = group["betas"]
-        states, step_sizes, decays, rs, grad_norms = [], [], [], [], []
+        # With Triton, both passes are one launch each for the whole group (apollo_kernels.*_group).
+        grouped = self._use_triton and apollo_kernels.fits_group(params, group["rank"])
+        states, step_sizes, decays, projections = [], [], [], []
         for p in params:
             state, step, step_size, decay = self._begin(p, group)
-            r, channel_sq = self._project(p, state, group, step)
-            if "exp_avg" not in state:
-                state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(r), torch.zeros_like(r)
             states.append(state)
             step_sizes.append(step_size)
             decays.append(decay)
-            rs.append(r)
-            grad_norms.append(channel_sq)
+            projections.append(self._projection(p, state, group, step))
+        grads = [p.grad for p in params]
+        if grouped:
+            first_pass = apollo_kernels.project_rank1_group(grads, projections)
+        else:
+            first_pass = [self._first_pass(g, proj, group["rank"]) for g, proj in zip(grads, projections)]
+        rs = [r for r, _ in first_pass]
+        grad_norms = [channel_sq for _, channel_sq in first_pass]
+        for state, r in zip(states, rs):
+            if "exp_avg" not in state:
+                state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(r), torch.zeros_like(r)
         exp_avgs = [s["exp_avg"] for s in states]
         exp_avg_sqs = [s["exp_avg_sq"] for s in states]
         torch._foreach_mul_(exp_avgs, beta1)
@@ -291,8 +302,11 @@ class Apollo(torch.optim.Optimizer):
                 factor, scaled_norm = factor / limiter, scaled_norm / limiter
             for state, norm in zip(states, scaled_norm.unbind(0)):
                 state["scaled_grad_norm"] = norm
-        coefs = (factor * math.sqrt(group["scale"])).reshape(-1, 1, 1).unbind(0)
-        for p, coef, step_size, decay in zip(params, coefs, step_sizes, decays):
+        coefs = factor * math.sqrt(group["scale"])
+        if grouped:
+            apollo_kernels.apply_update_group(params, grads, coefs, step_sizes, decays)
+            return
+        for p, coef, step_size, decay in zip(params, coefs.reshape(-1, 1, 1).unbind(0), step_sizes, decays):
             _write_scaled(p, p.grad, coef, False, step_size, decay, self._use_triton)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

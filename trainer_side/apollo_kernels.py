@@ -215,3 +215,228 @@ if triton is not None:
         out = split.to(tl.int64) * n_cols + cols
         tl.store(r_parts_ptr + out, acc_r, mask=col_mask)
         tl.store(sq_parts_ptr + out, acc_sq, mask=col_mask)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Grouped launches: one kernel launch per pass for all matrices of a param group. At 27B (498 matrices)
+# a launch per matrix and pass costs more CPU time than the GPU needs for the traffic; a program here
+# finds its matrix in a table built once per set of shapes, and the addresses come from a pointer table.
+
+_GROUP_UPDATE_ROW_TILES = 16  # row tiles of the update kernel per program: fewer, larger programs
+_group_tables: dict[tuple, dict[str, Tensor]] = {}
+
+
+def fits_group(params: list[Tensor], rank: int) -> bool:
+    """Whether the grouped kernels handle these parameters and their gradients: rank 1, 2-D, one device,
+    one parameter dtype and one gradient dtype."""
+    if not params or triton is None or rank != 1:
+        return False
+    first = params[0]
+    return all(
+        p.dim() == 2
+        and p.grad is not None
+        and p.grad.shape == p.shape
+        and p.device == first.device
+        and p.dtype == first.dtype
+        and p.grad.dtype == first.grad.dtype
+        for p in params
+    ) and (fits(first.grad, rank) and fits_update(first, first.grad))
+
+
+def _programs(blocks: list[int], device: torch.device) -> tuple[Tensor, Tensor]:
+    """(matrix of each program, first program of each matrix) for `blocks[i]` programs of matrix i."""
+    counts = torch.tensor(blocks, dtype=torch.int64)
+    starts = torch.cumsum(counts, 0) - counts
+    owner = torch.repeat_interleave(torch.arange(len(blocks), dtype=torch.int32), counts)
+    return owner.to(device), starts.to(device)
+
+
+def _tables(shapes: tuple[tuple[int, int], ...], device: torch.device) -> dict[str, Tensor]:
+    """Program tables of the grouped kernels for matrices of `shapes`, built once per set of shapes."""
+    key = (shapes, str(device))
+    if key in _group_tables:
+        return _group_tables[key]
+    rows_kind = [i for i, (r, c) in enumerate(shapes) if r >= c]
+    cols_kind = [i for i, (r, c) in enumerate(shapes) if r < c]
+    t: dict[str, Tensor] = {}
+    # First pass: each matrix's results go to one flat buffer, at an offset.
+    sizes = [max(r, c) for r, c in shapes]
+    t["out_offsets"] = (torch.cumsum(torch.tensor(sizes), 0) - torch.tensor(sizes)).to(device)
+    t["out_size"] = torch.tensor(sum(sizes))
+    t["rows"] = torch.tensor([r for r, _ in shapes], dtype=torch.int64).to(device)
+    t["cols"] = torch.tensor([c for _, c in shapes], dtype=torch.int64).to(device)
+    for kind, members, blocks in (
+        ("rows_kind", rows_kind, [triton.cdiv(shapes[i][0], _ROWS_BLOCK_R) for i in rows_kind]),
+        ("cols_kind", cols_kind, [triton.cdiv(shapes[i][1], _COLS_BLOCK_C) for i in cols_kind]),
+    ):
+        owner, starts = _programs(blocks, device)
+        members_t = torch.tensor(members, dtype=torch.int32).to(device)
+        t[f"{kind}_owner"] = members_t[owner.long()] if len(members) else owner
+        t[f"{kind}_start"] = torch.zeros(len(shapes), dtype=torch.int64, device=device)
+        if members:
+            t[f"{kind}_start"][members_t.long()] = starts
+    # Update: tiles of _UPDATE_BLOCK_R * _GROUP_UPDATE_ROW_TILES rows by _UPDATE_BLOCK_C columns.
+    tile_rows = _UPDATE_BLOCK_R * _GROUP_UPDATE_ROW_TILES
+    col_tiles = [triton.cdiv(c, _UPDATE_BLOCK_C) for _, c in shapes]
+    owner, starts = _programs([triton.cdiv(r, tile_rows) * n for (r, _), n in zip(shapes, col_tiles)], device)
+    t["update_owner"], t["update_start"] = owner, starts
+    t["col_tiles"] = torch.tensor(col_tiles, dtype=torch.int64).to(device)
+    _group_tables[key] = t
+    return t
+
+
+def _pointers(tensors: list[Tensor], device: torch.device) -> Tensor:
+    return torch.tensor([x.data_ptr() for x in tensors], dtype=torch.int64).to(device, non_blocking=True)
+
+
+def _strides(tensors: list[Tensor], device: torch.device) -> Tensor:
+    return torch.tensor([x.stride() for x in tensors], dtype=torch.int64).to(device, non_blocking=True)
+
+
+_TL_DTYPES = {} if triton is None else {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def project_rank1_group(grads: list[Tensor], projs: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+    """`project_rank1` for many gradients at once: two launches (tall and wide matrices) in all."""
+    device = grads[0].device
+    shapes = tuple(tuple(g.shape) for g in grads)
+    t = _tables(shapes, device)
+    r_all = torch.empty(int(t["out_size"]), device=device, dtype=torch.float32)
+    sq_all = torch.empty_like(r_all)
+    g_ptrs = _pointers(grads, device)
+    proj_ptrs = _pointers([p.reshape(-1) for p in projs], device)
+    strides = _strides(grads, device)
+    common = (g_ptrs, proj_ptrs, t["out_offsets"], t["rows"], t["cols"], strides, r_all, sq_all)
+    g_dtype = _TL_DTYPES[grads[0].dtype]
+    if (n := t["rows_kind_owner"].numel()) > 0:
+        _grouped_rows_kernel[(n,)](
+            *common, t["rows_kind_owner"], t["rows_kind_start"],
+            G_DTYPE=g_dtype, BLOCK_R=_ROWS_BLOCK_R, BLOCK_C=_ROWS_BLOCK_C,
+        )  # fmt: skip
+    if (n := t["cols_kind_owner"].numel()) > 0:
+        _grouped_cols_kernel[(n,)](
+            *common, t["cols_kind_owner"], t["cols_kind_start"],
+            G_DTYPE=g_dtype, BLOCK_R=_COLS_BLOCK_R, BLOCK_C=_COLS_BLOCK_C,
+        )  # fmt: skip
+    out = []
+    offset = 0
+    for rows, cols in shapes:
+        size = max(rows, cols)
+        r, sq = r_all[offset : offset + size], sq_all[offset : offset + size]
+        out.append((r.reshape(rows, 1) if rows >= cols else r.reshape(1, cols), sq))
+        offset += size
+    return out
+
+
+def apply_update_group(
+    params: list[Tensor], grads: list[Tensor], coefs: Tensor, step_sizes: list[float], decays: list[float]
+) -> None:
+    """`apply_update` for many matrices at once, one launch; `coefs` holds one fp32 scalar per matrix."""
+    device = params[0].device
+    t = _tables(tuple(tuple(p.shape) for p in params), device)
+    neg_steps = torch.tensor([-s for s in step_sizes], dtype=torch.float32).to(device, non_blocking=True)
+    keeps = torch.tensor([1.0 - d for d in decays], dtype=torch.float32).to(device, non_blocking=True)
+    _grouped_update_kernel[(t["update_owner"].numel(),)](
+        _pointers(params, device), _pointers(grads, device), _strides(params, device), _strides(grads, device),
+        coefs.contiguous(), neg_steps, keeps, t["rows"], t["cols"], t["col_tiles"],
+        t["update_owner"], t["update_start"],
+        P_DTYPE=_TL_DTYPES[params[0].dtype], G_DTYPE=_TL_DTYPES[grads[0].dtype],
+        BLOCK_R=_UPDATE_BLOCK_R, BLOCK_C=_UPDATE_BLOCK_C, ROW_TILES=_GROUP_UPDATE_ROW_TILES,
+    )  # fmt: skip
+
+
+if triton is not None:
+
+    @triton.jit
+    def _grouped_rows_kernel(
+        g_ptrs, proj_ptrs, out_offsets, rows_of, cols_of, strides, r_out, sq_out, owner, start,
+        G_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):  # fmt: skip
+        pid = tl.program_id(0)
+        i = tl.load(owner + pid)
+        block = pid - tl.load(start + i)
+        g_ptr = tl.load(g_ptrs + i).to(tl.pointer_type(G_DTYPE))
+        p_ptr = tl.load(proj_ptrs + i).to(tl.pointer_type(tl.float32))
+        n_rows, n_cols = tl.load(rows_of + i), tl.load(cols_of + i)
+        stride_r, stride_c = tl.load(strides + 2 * i), tl.load(strides + 2 * i + 1)
+        rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_mask = rows < n_rows
+        row_offsets = rows.to(tl.int64)[:, None] * stride_r
+        acc_r = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        acc_sq = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for col_start in range(0, n_cols, BLOCK_C):
+            cols = col_start + tl.arange(0, BLOCK_C)
+            col_mask = cols < n_cols
+            g = tl.load(
+                g_ptr + row_offsets + cols.to(tl.int64)[None, :] * stride_c,
+                mask=row_mask[:, None] & col_mask[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            p = tl.load(p_ptr + cols, mask=col_mask, other=0.0)
+            acc_r += tl.sum(g * p[None, :], axis=1)
+            acc_sq += tl.sum(g * g, axis=1)
+        out = tl.load(out_offsets + i) + rows
+        tl.store(r_out + out, acc_r, mask=row_mask)
+        tl.store(sq_out + out, acc_sq, mask=row_mask)
+
+    @triton.jit
+    def _grouped_cols_kernel(
+        g_ptrs, proj_ptrs, out_offsets, rows_of, cols_of, strides, r_out, sq_out, owner, start,
+        G_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):  # fmt: skip
+        # One program per block of columns sums over all rows: the many matrices of a group fill the
+        # GPU without splitting rows, so the sums stay in a fixed order (deterministic).
+        pid = tl.program_id(0)
+        i = tl.load(owner + pid)
+        block = pid - tl.load(start + i)
+        g_ptr = tl.load(g_ptrs + i).to(tl.pointer_type(G_DTYPE))
+        p_ptr = tl.load(proj_ptrs + i).to(tl.pointer_type(tl.float32))
+        n_rows, n_cols = tl.load(rows_of + i), tl.load(cols_of + i)
+        stride_r, stride_c = tl.load(strides + 2 * i), tl.load(strides + 2 * i + 1)
+        cols = block * BLOCK_C + tl.arange(0, BLOCK_C)
+        col_mask = cols < n_cols
+        col_offsets = cols.to(tl.int64)[None, :] * stride_c
+        acc_r = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        acc_sq = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for row_start in range(0, n_rows, BLOCK_R):
+            rows = row_start + tl.arange(0, BLOCK_R)
+            row_mask = rows < n_rows
+            g = tl.load(
+                g_ptr + rows.to(tl.int64)[:, None] * stride_r + col_offsets,
+                mask=row_mask[:, None] & col_mask[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            p = tl.load(p_ptr + rows, mask=row_mask, other=0.0)
+            acc_r += tl.sum(g * p[:, None], axis=0)
+            acc_sq += tl.sum(g * g, axis=0)
+        out = tl.load(out_offsets + i) + cols
+        tl.store(r_out + out, acc_r, mask=col_mask)
+        tl.store(sq_out + out, acc_sq, mask=col_mask)
+
+    @triton.jit
+    def _grouped_update_kernel(
+        p_ptrs, g_ptrs, p_strides, g_strides, coefs, neg_steps, keeps, rows_of, cols_of, col_tiles, owner, start,
+        P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+        ROW_TILES: tl.constexpr,
+    ):  # fmt: skip
+        pid = tl.program_id(0)
+        i = tl.load(owner + pid)
+        local = pid - tl.load(start + i)
+        n_col_tiles = tl.load(col_tiles + i)
+        tile_r, tile_c = local // n_col_tiles, local % n_col_tiles
+        p_ptr = tl.load(p_ptrs + i).to(tl.pointer_type(P_DTYPE))
+        g_ptr = tl.load(g_ptrs + i).to(tl.pointer_type(G_DTYPE))
+        n_rows, n_cols = tl.load(rows_of + i), tl.load(cols_of + i)
+        p_sr, p_sc = tl.load(p_strides + 2 * i), tl.load(p_strides + 2 * i + 1)
+        g_sr, g_sc = tl.load(g_strides + 2 * i), tl.load(g_strides + 2 * i + 1)
+        scale = tl.load(neg_steps + i) * tl.load(coefs + i)  # the same product as `apply_update`'s
+        keep = tl.load(keeps + i)
+        cols = (tile_c * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)[None, :]
+        for k in range(ROW_TILES):
+            rows = ((tile_r * ROW_TILES + k) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)[:, None]
+            mask = (rows < n_rows) & (cols < n_cols)
+            p_at = p_ptr + rows * p_sr + cols * p_sc
+            p = tl.load(p_at, mask=mask, other=0.0)
+            g = tl.load(g_ptr + rows * g_sr + cols * g_sc, mask=mask, other=0.0).to(tl.float32)
+            updated = (p.to(tl.float32) + scale * g) * keep
+            tl.store(p_at, updated.to(P_DTYPE), mask=mask)
