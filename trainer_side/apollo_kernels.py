@@ -222,7 +222,7 @@ if triton is not None:
 # a launch per matrix and pass costs more CPU time than the GPU needs for the traffic; a program here
 # finds its matrix in a table built once per set of shapes, and the addresses come from a pointer table.
 
-_GROUP_UPDATE_ROW_TILES = 16  # row tiles of the update kernel per program: fewer, larger programs
+_GROUP_UPDATE_ROW_TILES = 4  # row tiles of the update kernel per program: fewer, larger programs
 _group_tables: dict[tuple, dict[str, Tensor]] = {}
 
 
@@ -239,8 +239,16 @@ def fits_group(params: list[Tensor], rank: int) -> bool:
         and p.device == first.device
         and p.dtype == first.dtype
         and p.grad.dtype == first.grad.dtype
+        and _vector_friendly(p)
+        and _vector_friendly(p.grad)
         for p in params
     ) and (fits(first.grad, rank) and fits_update(first, first.grad))
+
+
+def _vector_friendly(t: Tensor) -> bool:
+    """Rows of unit column stride starting at 16-byte boundaries: the grouped kernels read them as vectors
+    (their strides come from a table, so Triton cannot see this for itself)."""
+    return t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
 
 
 def _programs(blocks: list[int], device: torch.device) -> tuple[Tensor, Tensor]:
@@ -257,7 +265,6 @@ def _tables(shapes: tuple[tuple[int, int], ...], device: torch.device) -> dict[s
     if key in _group_tables:
         return _group_tables[key]
     rows_kind = [i for i, (r, c) in enumerate(shapes) if r >= c]
-    cols_kind = [i for i, (r, c) in enumerate(shapes) if r < c]
     t: dict[str, Tensor] = {}
     # First pass: each matrix's results go to one flat buffer, at an offset.
     sizes = [max(r, c) for r, c in shapes]
@@ -265,16 +272,12 @@ def _tables(shapes: tuple[tuple[int, int], ...], device: torch.device) -> dict[s
     t["out_size"] = torch.tensor(sum(sizes))
     t["rows"] = torch.tensor([r for r, _ in shapes], dtype=torch.int64).to(device)
     t["cols"] = torch.tensor([c for _, c in shapes], dtype=torch.int64).to(device)
-    for kind, members, blocks in (
-        ("rows_kind", rows_kind, [triton.cdiv(shapes[i][0], _ROWS_BLOCK_R) for i in rows_kind]),
-        ("cols_kind", cols_kind, [triton.cdiv(shapes[i][1], _COLS_BLOCK_C) for i in cols_kind]),
-    ):
-        owner, starts = _programs(blocks, device)
-        members_t = torch.tensor(members, dtype=torch.int32).to(device)
-        t[f"{kind}_owner"] = members_t[owner.long()] if len(members) else owner
-        t[f"{kind}_start"] = torch.zeros(len(shapes), dtype=torch.int64, device=device)
-        if members:
-            t[f"{kind}_start"][members_t.long()] = starts
+    owner, starts = _programs([triton.cdiv(shapes[i][0], _ROWS_BLOCK_R) for i in rows_kind], device)
+    members = torch.tensor(rows_kind, dtype=torch.int32).to(device)
+    t["rows_kind_owner"] = members[owner.long()] if rows_kind else owner
+    t["rows_kind_start"] = torch.zeros(len(shapes), dtype=torch.int64, device=device)
+    if rows_kind:
+        t["rows_kind_start"][members.long()] = starts
     # Update: tiles of _UPDATE_BLOCK_R * _GROUP_UPDATE_ROW_TILES rows by _UPDATE_BLOCK_C columns.
     tile_rows = _UPDATE_BLOCK_R * _GROUP_UPDATE_ROW_TILES
     col_tiles = [triton.cdiv(c, _UPDATE_BLOCK_C) for _, c in shapes]
@@ -297,7 +300,9 @@ _TL_DTYPES = {} if triton is None else {torch.float32: tl.float32, torch.bfloat1
 
 
 def project_rank1_group(grads: list[Tensor], projs: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
-    """`project_rank1` for many gradients at once: two launches (tall and wide matrices) in all."""
+    """`project_rank1` for many gradients at once: one launch for all tall matrices; each wide one has its
+    own (`project_rank1` splits its rows over programs, which a grouped launch could only do with atomics
+    or a second pass)."""
     device = grads[0].device
     shapes = tuple(tuple(g.shape) for g in grads)
     t = _tables(shapes, device)
@@ -313,17 +318,14 @@ def project_rank1_group(grads: list[Tensor], projs: list[Tensor]) -> list[tuple[
             *common, t["rows_kind_owner"], t["rows_kind_start"],
             G_DTYPE=g_dtype, BLOCK_R=_ROWS_BLOCK_R, BLOCK_C=_ROWS_BLOCK_C,
         )  # fmt: skip
-    if (n := t["cols_kind_owner"].numel()) > 0:
-        _grouped_cols_kernel[(n,)](
-            *common, t["cols_kind_owner"], t["cols_kind_start"],
-            G_DTYPE=g_dtype, BLOCK_R=_COLS_BLOCK_R, BLOCK_C=_COLS_BLOCK_C,
-        )  # fmt: skip
     out = []
     offset = 0
-    for rows, cols in shapes:
+    for grad, proj, (rows, cols) in zip(grads, projs, shapes):
         size = max(rows, cols)
-        r, sq = r_all[offset : offset + size], sq_all[offset : offset + size]
-        out.append((r.reshape(rows, 1) if rows >= cols else r.reshape(1, cols), sq))
+        if rows >= cols:
+            out.append((r_all[offset : offset + size].reshape(rows, 1), sq_all[offset : offset + size]))
+        else:
+            out.append(project_rank1(grad, proj))
         offset += size
     return out
 
@@ -358,17 +360,18 @@ if triton is not None:
         g_ptr = tl.load(g_ptrs + i).to(tl.pointer_type(G_DTYPE))
         p_ptr = tl.load(proj_ptrs + i).to(tl.pointer_type(tl.float32))
         n_rows, n_cols = tl.load(rows_of + i), tl.load(cols_of + i)
-        stride_r, stride_c = tl.load(strides + 2 * i), tl.load(strides + 2 * i + 1)
+        g_ptr = tl.multiple_of(g_ptr, 16)  # `fits_group` checked: 16-byte rows of unit column stride
+        stride_r = tl.multiple_of(tl.load(strides + 2 * i), 8)
         rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
         row_mask = rows < n_rows
         row_offsets = rows.to(tl.int64)[:, None] * stride_r
         acc_r = tl.zeros((BLOCK_R,), dtype=tl.float32)
         acc_sq = tl.zeros((BLOCK_R,), dtype=tl.float32)
         for col_start in range(0, n_cols, BLOCK_C):
-            cols = col_start + tl.arange(0, BLOCK_C)
+            cols = tl.max_contiguous(tl.multiple_of(col_start + tl.arange(0, BLOCK_C), BLOCK_C), BLOCK_C)
             col_mask = cols < n_cols
             g = tl.load(
-                g_ptr + row_offsets + cols.to(tl.int64)[None, :] * stride_c,
+                g_ptr + row_offsets + cols.to(tl.int64)[None, :],
                 mask=row_mask[:, None] & col_mask[None, :],
                 other=0.0,
             ).to(tl.float32)
@@ -378,40 +381,6 @@ if triton is not None:
         out = tl.load(out_offsets + i) + rows
         tl.store(r_out + out, acc_r, mask=row_mask)
         tl.store(sq_out + out, acc_sq, mask=row_mask)
-
-    @triton.jit
-    def _grouped_cols_kernel(
-        g_ptrs, proj_ptrs, out_offsets, rows_of, cols_of, strides, r_out, sq_out, owner, start,
-        G_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-    ):  # fmt: skip
-        # One program per block of columns sums over all rows: the many matrices of a group fill the
-        # GPU without splitting rows, so the sums stay in a fixed order (deterministic).
-        pid = tl.program_id(0)
-        i = tl.load(owner + pid)
-        block = pid - tl.load(start + i)
-        g_ptr = tl.load(g_ptrs + i).to(tl.pointer_type(G_DTYPE))
-        p_ptr = tl.load(proj_ptrs + i).to(tl.pointer_type(tl.float32))
-        n_rows, n_cols = tl.load(rows_of + i), tl.load(cols_of + i)
-        stride_r, stride_c = tl.load(strides + 2 * i), tl.load(strides + 2 * i + 1)
-        cols = block * BLOCK_C + tl.arange(0, BLOCK_C)
-        col_mask = cols < n_cols
-        col_offsets = cols.to(tl.int64)[None, :] * stride_c
-        acc_r = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        acc_sq = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        for row_start in range(0, n_rows, BLOCK_R):
-            rows = row_start + tl.arange(0, BLOCK_R)
-            row_mask = rows < n_rows
-            g = tl.load(
-                g_ptr + rows.to(tl.int64)[:, None] * stride_r + col_offsets,
-                mask=row_mask[:, None] & col_mask[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            p = tl.load(p_ptr + rows, mask=row_mask, other=0.0)
-            acc_r += tl.sum(g * p[:, None], axis=0)
-            acc_sq += tl.sum(g * g, axis=0)
-        out = tl.load(out_offsets + i) + cols
-        tl.store(r_out + out, acc_r, mask=col_mask)
-        tl.store(sq_out + out, acc_sq, mask=col_mask)
 
     @triton.jit
     def _grouped_update_kernel(
@@ -427,16 +396,19 @@ if triton is not None:
         p_ptr = tl.load(p_ptrs + i).to(tl.pointer_type(P_DTYPE))
         g_ptr = tl.load(g_ptrs + i).to(tl.pointer_type(G_DTYPE))
         n_rows, n_cols = tl.load(rows_of + i), tl.load(cols_of + i)
-        p_sr, p_sc = tl.load(p_strides + 2 * i), tl.load(p_strides + 2 * i + 1)
-        g_sr, g_sc = tl.load(g_strides + 2 * i), tl.load(g_strides + 2 * i + 1)
+        # `fits_group` checked: rows of unit column stride at 16-byte boundaries, so loads are vectors.
+        p_ptr, g_ptr = tl.multiple_of(p_ptr, 16), tl.multiple_of(g_ptr, 16)
+        p_sr = tl.multiple_of(tl.load(p_strides + 2 * i), 8)
+        g_sr = tl.multiple_of(tl.load(g_strides + 2 * i), 8)
         scale = tl.load(neg_steps + i) * tl.load(coefs + i)  # the same product as `apply_update`'s
         keep = tl.load(keeps + i)
-        cols = (tile_c * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)[None, :]
+        col_index = tl.max_contiguous(tl.multiple_of(tile_c * BLOCK_C + tl.arange(0, BLOCK_C), BLOCK_C), BLOCK_C)
+        cols = col_index.to(tl.int64)[None, :]
         for k in range(ROW_TILES):
             rows = ((tile_r * ROW_TILES + k) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)[:, None]
             mask = (rows < n_rows) & (cols < n_cols)
-            p_at = p_ptr + rows * p_sr + cols * p_sc
+            p_at = p_ptr + rows * p_sr + cols
             p = tl.load(p_at, mask=mask, other=0.0)
-            g = tl.load(g_ptr + rows * g_sr + cols * g_sc, mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(g_ptr + rows * g_sr + cols, mask=mask, other=0.0).to(tl.float32)
             updated = (p.to(tl.float32) + scale * g) * keep
             tl.store(p_at, updated.to(P_DTYPE), mask=mask)
