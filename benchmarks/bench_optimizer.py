@@ -208,6 +208,11 @@ def main() -> None:
     candidates: list[tuple[str, Callable[[], torch.optim.Optimizer], int]] = [
         ("weightshare Apollo, APOLLO-Mini (rank 1, tensor)", lambda: ours(MINI), apollo_traffic),
         (
+            "weightshare Apollo, APOLLO-Mini, a launch per matrix (foreach=False)",
+            lambda: ours(MINI, foreach=False),
+            apollo_traffic,
+        ),
+        (
             "weightshare Apollo, APOLLO-Mini, per-matrix torch path (before)",
             lambda: ours(MINI, **before),
             apollo_traffic,

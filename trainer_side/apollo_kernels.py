@@ -222,7 +222,7 @@ if triton is not None:
 # a launch per matrix and pass costs more CPU time than the GPU needs for the traffic; a program here
 # finds its matrix in a table built once per set of shapes, and the addresses come from a pointer table.
 
-_GROUP_UPDATE_ROW_TILES = 4  # row tiles of the update kernel per program: fewer, larger programs
+_GROUP_UPDATE_ROW_TILES = 1  # row tiles of the update kernel per program: fewer, larger programs
 _group_tables: dict[tuple, dict[str, Tensor]] = {}
 
 
@@ -246,9 +246,14 @@ def fits_group(params: list[Tensor], rank: int) -> bool:
 
 
 def _vector_friendly(t: Tensor) -> bool:
-    """Rows of unit column stride starting at 16-byte boundaries: the grouped kernels read them as vectors
-    (their strides come from a table, so Triton cannot see this for itself)."""
-    return t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+    """Rows of unit column stride, starting and ending at 16-byte boundaries: the grouped kernels read them
+    as vectors (their shapes and strides come from tables, so Triton cannot see this for itself)."""
+    return (
+        t.stride(1) == 1
+        and (t.stride(0) * t.element_size()) % 16 == 0
+        and (t.shape[1] * t.element_size()) % 16 == 0
+        and t.data_ptr() % 16 == 0
+    )
 
 
 def _programs(blocks: list[int], device: torch.device) -> tuple[Tensor, Tensor]:
@@ -316,7 +321,7 @@ def project_rank1_group(grads: list[Tensor], projs: list[Tensor]) -> list[tuple[
     if (n := t["rows_kind_owner"].numel()) > 0:
         _grouped_rows_kernel[(n,)](
             *common, t["rows_kind_owner"], t["rows_kind_start"],
-            G_DTYPE=g_dtype, BLOCK_R=_ROWS_BLOCK_R, BLOCK_C=_ROWS_BLOCK_C,
+            G_DTYPE=g_dtype, BLOCK_R=_ROWS_BLOCK_R, BLOCK_C=_ROWS_BLOCK_C, VEC=16 // grads[0].element_size(),
         )  # fmt: skip
     out = []
     offset = 0
@@ -344,6 +349,7 @@ def apply_update_group(
         t["update_owner"], t["update_start"],
         P_DTYPE=_TL_DTYPES[params[0].dtype], G_DTYPE=_TL_DTYPES[grads[0].dtype],
         BLOCK_R=_UPDATE_BLOCK_R, BLOCK_C=_UPDATE_BLOCK_C, ROW_TILES=_GROUP_UPDATE_ROW_TILES,
+        VEC=16 // max(params[0].element_size(), grads[0].element_size()),
     )  # fmt: skip
 
 
@@ -352,7 +358,7 @@ if triton is not None:
     @triton.jit
     def _grouped_rows_kernel(
         g_ptrs, proj_ptrs, out_offsets, rows_of, cols_of, strides, r_out, sq_out, owner, start,
-        G_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+        G_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr,
     ):  # fmt: skip
         pid = tl.program_id(0)
         i = tl.load(owner + pid)
@@ -360,8 +366,10 @@ if triton is not None:
         g_ptr = tl.load(g_ptrs + i).to(tl.pointer_type(G_DTYPE))
         p_ptr = tl.load(proj_ptrs + i).to(tl.pointer_type(tl.float32))
         n_rows, n_cols = tl.load(rows_of + i), tl.load(cols_of + i)
-        g_ptr = tl.multiple_of(g_ptr, 16)  # `fits_group` checked: 16-byte rows of unit column stride
-        stride_r = tl.multiple_of(tl.load(strides + 2 * i), 8)
+        # `fits_group` checked: rows of unit column stride, starting and ending at 16-byte boundaries.
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        stride_r = tl.multiple_of(tl.load(strides + 2 * i), VEC)
+        n_cols = tl.multiple_of(n_cols, VEC)
         rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
         row_mask = rows < n_rows
         row_offsets = rows.to(tl.int64)[:, None] * stride_r
@@ -386,7 +394,7 @@ if triton is not None:
     def _grouped_update_kernel(
         p_ptrs, g_ptrs, p_strides, g_strides, coefs, neg_steps, keeps, rows_of, cols_of, col_tiles, owner, start,
         P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-        ROW_TILES: tl.constexpr,
+        ROW_TILES: tl.constexpr, VEC: tl.constexpr,
     ):  # fmt: skip
         pid = tl.program_id(0)
         i = tl.load(owner + pid)
@@ -398,8 +406,9 @@ if triton is not None:
         n_rows, n_cols = tl.load(rows_of + i), tl.load(cols_of + i)
         # `fits_group` checked: rows of unit column stride at 16-byte boundaries, so loads are vectors.
         p_ptr, g_ptr = tl.multiple_of(p_ptr, 16), tl.multiple_of(g_ptr, 16)
-        p_sr = tl.multiple_of(tl.load(p_strides + 2 * i), 8)
-        g_sr = tl.multiple_of(tl.load(g_strides + 2 * i), 8)
+        p_sr = tl.multiple_of(tl.load(p_strides + 2 * i), VEC)
+        g_sr = tl.multiple_of(tl.load(g_strides + 2 * i), VEC)
+        n_cols = tl.multiple_of(n_cols, VEC)
         scale = tl.load(neg_steps + i) * tl.load(coefs + i)  # the same product as `apply_update`'s
         keep = tl.load(keeps + i)
         col_index = tl.max_contiguous(tl.multiple_of(tile_c * BLOCK_C + tl.arange(0, BLOCK_C), BLOCK_C), BLOCK_C)
