@@ -294,3 +294,21 @@ def test_small_projections_are_kept_and_follow_their_seed() -> None:
         seed, proj = opt._projections[p]
         assert seed == opt.state[p]["seed"]
         assert torch.equal(proj, apollo.projection(seed, tuple(p.shape), 1, p.device))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("weight_decay", [0.0, WEIGHT_DECAY], ids=["no-decay", "decay"])
+def test_batched_adamw_step_equals_the_per_tensor_step(dtype: torch.dtype, weight_decay: float) -> None:
+    # The AdamW group (vectors, scalars, here also the matrices) in multi-tensor ops against one at a time.
+    batched, single = make_params(dtype), make_params(dtype)
+    opt_batched = Apollo([{"params": batched}], lr=LR, weight_decay=weight_decay)
+    opt_single = Apollo([{"params": single}], lr=LR, weight_decay=weight_decay, foreach=False)
+    for step in range(STEPS):
+        gen = torch.Generator().manual_seed(step)
+        for i, (a, b) in enumerate(zip(batched, single, strict=True)):
+            grad = None if (step + i) % 5 == 0 else torch.randn(a.shape, generator=gen).to(dtype)
+            a.grad, b.grad = grad, None if grad is None else grad.clone()
+        opt_batched.step()
+        opt_single.step()
+        for a, b in zip(batched, single, strict=True):
+            assert torch.equal(a, b), f"step {step}"

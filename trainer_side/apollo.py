@@ -194,9 +194,44 @@ class Apollo(torch.optim.Optimizer):
             if self._foreach and group["rank"] is not None and group["scale_type"] == "tensor" and params:
                 self._apollo_tensor_step(params, group)
                 continue
+            if self._foreach and group["rank"] is None and params:
+                # Small tensors (norms, conv1d weights) in multi-tensor ops; a large one keeps its row chunks.
+                small = [p for p in params if p.numel() <= _CHUNK_ELEMS]
+                if small:
+                    self._adamw_step(small, group)
+                params = [p for p in params if p.numel() > _CHUNK_ELEMS]
             for p in params:
                 self._update(p, group)
         return loss
+
+    def _adamw_step(self, params: list[Tensor], group: dict[str, Any]) -> None:
+        """`_adamw_update` for many tensors in a few multi-tensor ops: the same fp32 math, rounded once."""
+        beta1, beta2 = group["betas"]
+        states, step_sizes, decays = [], [], []
+        for p in params:
+            state, _, step_size, decay = self._begin(p, group)
+            if "exp_avg" not in state:
+                state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+            states.append(state)
+            step_sizes.append(step_size)
+            decays.append(decay)
+        grads = [p.grad if p.grad.dtype == torch.float32 else p.grad.float() for p in params]
+        exp_avgs = [s["exp_avg"] for s in states]
+        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+        torch._foreach_mul_(exp_avgs, beta1)
+        torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+        denominators = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_add_(denominators, group["eps"])
+        if not any(decays):
+            # In-place on a bf16 p with fp32 operands computes in fp32 and rounds once, as `_update_target`.
+            torch._foreach_addcdiv_([p.data for p in params], exp_avgs, denominators, [-s for s in step_sizes])
+            return
+        for p, m, denominator, step_size, decay in zip(params, exp_avgs, denominators, step_sizes, decays):
+            with _update_target(p.data, decay) as target:
+                target.addcdiv_(m, denominator, value=-step_size)
 
     def _begin(self, p: Tensor, group: dict[str, Any]) -> tuple[dict[str, Any], int, float, float]:
         """Count the step of `p`: (its state, its completed steps before this one, step size, decay)."""
