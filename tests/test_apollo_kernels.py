@@ -54,6 +54,12 @@ CHECK = textwrap.dedent(
             assert apollo_kernels.fits_update(p, grad)
             apollo_kernels.apply_update(p, grad, coef, 0.01, 0.001)
             torch.testing.assert_close(p, want)  # the kernel may fuse to an FMA: rounding, not math
+            before = p.clone()
+            nan_grad = torch.full_like(grad, float("nan"))
+            apollo_kernels.apply_update(p, nan_grad, coef, 0.01, 0.001, ok=torch.tensor(False, device=device))
+            assert torch.equal(p, before), "a masked-out update must store nothing"
+            apollo_kernels.apply_update(p, grad, coef, 0.01, 0.0, ok=torch.tensor(True, device=device))
+            assert not torch.equal(p, before)
             assert torch.equal(base[:, :1], base[:, :1]) and base[:, -2:].isfinite().all()
         # Whole optimizer steps: grouped kernels (one launch per pass), per-matrix kernels, torch path.
         # One parameter is a strided view, as a parameter bound into a merged vLLM tensor is.

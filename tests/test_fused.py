@@ -104,3 +104,37 @@ def test_a_trainable_parameter_outside_the_optimizer_is_refused(tiny_model_path)
     opt = Apollo([model.lm_head.weight], lr=0.1)  # FusedUpdates takes Apollo (its hooks)
     with pytest.raises(ValueError, match="in no param group"):
         FusedUpdates(opt, dict(model.named_parameters()))
+
+
+@pytest.mark.parametrize("embeddings", ["apollo_mini", "adamw"])
+def test_device_side_guard_masks_exactly_what_the_host_guard_skips(tiny_model_path, embeddings):
+    # The CUDA path (flag decided on the device, update masked, one sync after backward) run on CPU
+    # against the host check: same weights after two steps, one of them with a NaN gradient.
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_model_path("llama", "float32")
+    models = [AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).train() for _ in range(2)]
+    (ids, attention, targets), tokens = batch(models[0].config.vocab_size)
+    hooks = []
+    for model, on_device in zip(models, (True, False), strict=True):
+        opt = build_optimizer(model, preset("apollo_mini", lr=1e-2, embeddings=embeddings))
+        hooks.append(FusedUpdates(opt, dict(model.named_parameters()), on_device=on_device))
+        poisoned = {"step": 0}
+
+        def poison(g, poisoned=poisoned):  # NaN in the second step only
+            return torch.full_like(g, float("nan")) if poisoned["step"] == 1 else g
+
+        model.model.layers[0].input_layernorm.weight.register_hook(poison)
+        model.model.layers[0].mlp.down_proj.weight.register_hook(poison)
+        for step in range(2):
+            poisoned["step"] = step
+            hooks[-1].reset()
+            (loss_sum(model, ids, attention, targets) / tokens).backward()
+    device_side, host_side = hooks
+    assert sorted(device_side.skipped) == sorted(host_side.skipped) == [
+        "model.layers.0.input_layernorm.weight", "model.layers.0.mlp.down_proj.weight"]
+    assert device_side.updated == host_side.updated
+    assert device_side.grad_norm == pytest.approx(host_side.grad_norm, rel=1e-6)
+    for (name, a), (_, b) in zip(models[0].named_parameters(), models[1].named_parameters(), strict=True):
+        assert torch.isfinite(a).all(), name
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)

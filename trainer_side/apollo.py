@@ -248,15 +248,18 @@ class Apollo(torch.optim.Optimizer):
         step_size = group["lr"] * math.sqrt(bias_correction2) / bias_correction1
         return state, step, step_size, group["lr"] * group["weight_decay"]
 
-    def _update(self, p: Tensor, group: dict[str, Any]) -> None:
+    def _update(self, p: Tensor, group: dict[str, Any], ok: Tensor | None = None) -> None:
+        """One parameter's step; with `ok` (0-d bool on p's device) applied only where it is true."""
         state, step, step_size, decay = self._begin(p, group)
         if group["rank"] is None:
-            _adamw_update(p, p.grad, state, group, step_size, decay)
+            _adamw_update(p, p.grad, state, group, step_size, decay, ok)
             return
         r, channel_sq = self._project(p, state, group, step)
-        factor, per_row = _scale_factor(r, channel_sq, p.shape[0] >= p.shape[1], state, group)
+        factor, per_row = _scale_factor(r, channel_sq, p.shape[0] >= p.shape[1], state, group, ok)
         coef = factor * math.sqrt(group["scale"])
-        _write_scaled(p, p.grad, coef, per_row, step_size, decay, self._use_triton)
+        if ok is not None:
+            coef = torch.where(ok, coef, 0.0)  # a masked-out parameter's coefficient is never NaN
+        _write_scaled(p, p.grad, coef, per_row, step_size, decay, self._use_triton, ok)
 
     def _project(
         self, p: Tensor, state: dict[str, Any], group: dict[str, Any], step: int
@@ -370,7 +373,7 @@ class Apollo(torch.optim.Optimizer):
     def attach_backward_hooks(
         self,
         model_or_params: nn.Module | Iterable[Tensor] | dict[str, Tensor],
-        guard: Callable[[str, Tensor], bool] | None = None,
+        guard: Callable[[str, Tensor], bool | Tensor] | None = None,
     ) -> list[RemovableHandle]:
         """Apply each parameter's update as soon as its gradient is complete, then free that gradient.
 
@@ -384,7 +387,10 @@ class Apollo(torch.optim.Optimizer):
         Every parameter of `model_or_params` (a module, a name -> parameter dict, or parameters) that
         requires grad must be in this optimizer (else ValueError naming it: its gradient would be
         neither applied nor freed). `guard(name, param)`, if given, runs first in each hook; when it
-        returns False that update is skipped (the gradient is freed all the same). Returns the hook
+        returns False that update is skipped (the gradient is freed all the same). It may instead return
+        a 0-d bool tensor on the parameter's device: the update is then computed and applied only where
+        that flag is true, without waiting for it on the host (the weights, moments and limiter state of a
+        masked-out parameter stay as they were; its step count still advances). Returns the hook
         handles; `handle.remove()` detaches them.
         """
         if isinstance(model_or_params, nn.Module):
@@ -408,11 +414,15 @@ class Apollo(torch.optim.Optimizer):
         return handles
 
     def _backward_hook(
-        self, name: str, group_index: int, guard: Callable[[str, Tensor], bool] | None
+        self, name: str, group_index: int, guard: Callable[[str, Tensor], bool | Tensor] | None
     ) -> Callable[[Tensor], None]:
         # The group is looked up at call time: load_state_dict replaces the group dicts.
         def hook(p: Tensor) -> None:
-            if guard is None or guard(name, p):
+            verdict = True if guard is None else guard(name, p)
+            if isinstance(verdict, Tensor):  # decided on the device: the update is masked, no host sync
+                with torch.no_grad():
+                    self._update(p, self.param_groups[group_index], ok=verdict)
+            elif verdict:
                 with torch.no_grad():
                     self._update(p, self.param_groups[group_index])
             p.grad = None
@@ -455,8 +465,12 @@ def _adamw_update(
     group: dict[str, Any],
     step_size: float,
     decay: float,
+    ok: Tensor | None = None,
 ) -> None:
-    """apollo-torch's Adam step (eps added to sqrt(v), not to v), in fp32, row chunk by row chunk."""
+    """apollo-torch's Adam step (eps added to sqrt(v), not to v), in fp32, row chunk by row chunk.
+
+    With `ok` (0-d bool), the new moments and weights are kept only where it is true (no host sync).
+    """
     if "exp_avg" not in state:
         state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
         state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
@@ -467,6 +481,17 @@ def _adamw_update(
     for rows in _row_chunks(p_rows):
         g = g_rows[rows].float()
         m, v = m_rows[rows], v_rows[rows]
+        if ok is not None:
+            new_m = m.mul(beta1).add_(g, alpha=1.0 - beta1)
+            new_v = v.mul(beta2).addcmul_(g, g, value=1.0 - beta2)
+            target = p_rows[rows].to(torch.float32, copy=True)  # never p itself, even when p is fp32
+            target.addcdiv_(new_m, new_v.sqrt().add_(group["eps"]), value=-step_size)
+            if decay > 0.0:
+                target.add_(target, alpha=-decay)
+            m.copy_(torch.where(ok, new_m, m))
+            v.copy_(torch.where(ok, new_v, v))
+            p_rows[rows].copy_(torch.where(ok, target, p_rows[rows]))
+            continue
         m.mul_(beta1).add_(g, alpha=1.0 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
         with _update_target(p_rows[rows], decay) as target:
@@ -501,7 +526,12 @@ def _project_in_chunks(grad: Tensor, proj: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _scale_factor(
-    r: Tensor, channel_sq: Tensor, by_row: bool, state: dict[str, Any], group: dict[str, Any]
+    r: Tensor,
+    channel_sq: Tensor,
+    by_row: bool,
+    state: dict[str, Any],
+    group: dict[str, Any],
+    ok: Tensor | None = None,
 ) -> tuple[Tensor, bool]:
     """Adam in projected space, then the gradient's scale factor after the norm-growth limiter.
 
@@ -513,9 +543,16 @@ def _scale_factor(
         state["exp_avg_sq"] = torch.zeros_like(r)
     beta1, beta2 = group["betas"]
     exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-    exp_avg.mul_(beta1).add_(r, alpha=1.0 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(r, r, value=1.0 - beta2)
-    adam_r = exp_avg / exp_avg_sq.sqrt().add_(group["eps"])  # the Adam update, in projected space
+    if ok is None:
+        exp_avg.mul_(beta1).add_(r, alpha=1.0 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(r, r, value=1.0 - beta2)
+        m, v = exp_avg, exp_avg_sq
+    else:  # masked: the moments change only where ok
+        m = exp_avg.mul(beta1).add_(r, alpha=1.0 - beta1)
+        v = exp_avg_sq.mul(beta2).addcmul_(r, r, value=1.0 - beta2)
+        exp_avg.copy_(torch.where(ok, m, exp_avg))
+        exp_avg_sq.copy_(torch.where(ok, v, exp_avg_sq))
+    adam_r = m / v.sqrt().add_(group["eps"])  # the Adam update, in projected space
 
     # Gradient scaling factor: how much Adam stretches each channel (or the tensor) in projected
     # space, used as an estimate of how it would stretch the full gradient.
@@ -534,10 +571,15 @@ def _scale_factor(
     if gamma is not None:
         # Fira's norm-growth limiter: the scaled gradient's norm may grow by at most gamma per step.
         # A tensor clamp instead of apollo-torch's Python max() avoids a device-to-host sync.
-        if "scaled_grad_norm" in state:
-            limiter = torch.clamp(scaled_norm / (state["scaled_grad_norm"] + _NORM_EPS), min=gamma) / gamma
+        previous = state.get("scaled_grad_norm")
+        if previous is not None:
+            limiter = torch.clamp(scaled_norm / (previous + _NORM_EPS), min=gamma) / gamma
             factor = factor / limiter
             scaled_norm = scaled_norm / limiter
+        if ok is not None:
+            # A masked-out first step leaves an infinite norm, under which the limiter never acts.
+            kept = previous if previous is not None else torch.full_like(scaled_norm, math.inf)
+            scaled_norm = torch.where(ok, scaled_norm, kept)
         state["scaled_grad_norm"] = scaled_norm
     return factor, per_row
 
@@ -550,13 +592,20 @@ def _write_scaled(
     step_size: float,
     decay: float,
     use_triton: bool,
+    ok: Tensor | None = None,
 ) -> None:
-    """Second pass over G: p <- (p - step_size * coef * G) * (1 - lr * wd), with no fp32 copy of G."""
+    """Second pass over G: p <- (p - step_size * coef * G) * (1 - lr * wd), with no fp32 copy of G.
+
+    With `ok` (0-d bool), p is written only where it is true: the kernel reads the flag itself; the
+    torch path asks the host (one sync, only where there is no kernel).
+    """
     # (rows, 1), (1, cols) or (1, 1). A tensor with dimensions takes part in type promotion, so the
     # update of a bf16 p below computes in fp32 (a 0-d fp32 coef would be rounded to bf16 first).
     coef = coef.reshape(-1, 1) if per_row else coef.reshape(1, -1)
     if use_triton and apollo_kernels.fits_update(p, grad):
-        apollo_kernels.apply_update(p, grad, coef, step_size, decay)
+        apollo_kernels.apply_update(p, grad, coef, step_size, decay, ok)
+        return
+    if ok is not None and not bool(ok):
         return
     if decay == 0.0 or p.dtype == torch.float32:
         # One kernel over the whole matrix: no fp32 temporary is needed.

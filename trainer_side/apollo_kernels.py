@@ -113,20 +113,23 @@ def project_rank1(grad: Tensor, proj: Tensor) -> tuple[Tensor, Tensor]:
     return r_parts.sum(0, keepdim=True), sq_parts.sum(0)
 
 
-def apply_update(p: Tensor, grad: Tensor, coef: Tensor, step_size: float, decay: float) -> None:
+def apply_update(
+    p: Tensor, grad: Tensor, coef: Tensor, step_size: float, decay: float, ok: Tensor | None = None
+) -> None:
     """p <- (p - step_size * coef * G) * (1 - decay), computed in fp32 and rounded once into p.
 
     `coef` is fp32 and broadcasts to p: (1, 1), (rows, 1) or (1, cols). It stays on the device (no host
-    sync), and the kernel reads p and G once and writes p once. Torch's addcmul_ with a bf16 p and G and
+    sync), and the kernel reads p and G once and writes p once. With `ok` (0-d bool on the device), p
+    is written only if it is true, again with no host sync. Torch's addcmul_ with a bf16 p and G and
     an fp32 coefficient takes its slow mixed-dtype path (4x this kernel on an H200).
     """
     rows, cols = p.shape
     grid = (triton.cdiv(rows, _UPDATE_BLOCK_R), triton.cdiv(cols, _UPDATE_BLOCK_C))
     coef = coef.expand(rows, cols)
     _update_kernel[grid](
-        p, grad, coef, rows, cols, p.stride(0), p.stride(1), grad.stride(0), grad.stride(1),
-        coef.stride(0), coef.stride(1), -step_size, 1.0 - decay,
-        BLOCK_R=_UPDATE_BLOCK_R, BLOCK_C=_UPDATE_BLOCK_C,
+        p, grad, coef, ok.to(torch.uint8) if ok is not None else coef, rows, cols, p.stride(0), p.stride(1),
+        grad.stride(0), grad.stride(1), coef.stride(0), coef.stride(1), -step_size, 1.0 - decay,
+        BLOCK_R=_UPDATE_BLOCK_R, BLOCK_C=_UPDATE_BLOCK_C, HAS_OK=ok is not None,
     )  # fmt: skip
 
 
@@ -134,14 +137,17 @@ if triton is not None:
 
     @triton.jit
     def _update_kernel(
-        p_ptr, g_ptr, coef_ptr, n_rows, n_cols, p_stride_r, p_stride_c, g_stride_r, g_stride_c,
+        p_ptr, g_ptr, coef_ptr, ok_ptr, n_rows, n_cols, p_stride_r, p_stride_c, g_stride_r, g_stride_c,
         coef_stride_r, coef_stride_c, neg_step_size, keep,
-        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, HAS_OK: tl.constexpr,
     ):  # fmt: skip
         # 2-D tiles: no integer division per element, and unit column strides load as vectors.
         rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)[:, None]
         cols = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)[None, :]
         mask = (rows < n_rows) & (cols < n_cols)
+        if HAS_OK:  # a masked-out parameter: nothing is stored
+            flag = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.int32) + tl.load(ok_ptr).to(tl.int32)
+            mask = mask & (flag != 0)
         p_at = p_ptr + rows * p_stride_r + cols * p_stride_c
         p = tl.load(p_at, mask=mask, other=0.0)
         g = tl.load(g_ptr + rows * g_stride_r + cols * g_stride_c, mask=mask, other=0.0).to(tl.float32)

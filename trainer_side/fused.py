@@ -9,7 +9,8 @@ What it trades (see BENCHMARKS.md): no accumulation over micro-batches (one back
 clipping by the global gradient norm, which is only known once every update has been applied. The NaN
 guard is per parameter: a parameter whose gradient is not finite keeps its weights (its update is
 skipped and counted), and the loss is checked before backward starts, so a non-finite loss writes
-nothing. In strict mode the update protocol's pause must span the whole backward.
+nothing. On CUDA the per-parameter check never stops backward for the host: the update is masked on the
+device, and the skipped names are read once after backward. In strict mode the update protocol's pause must span the whole backward.
 
 Tied parameters (one Parameter under two names) get one hook: autograd sums both uses before the
 hook fires. The hooks are `Apollo.attach_backward_hooks` with a finiteness guard. Relies on torch.
@@ -26,36 +27,64 @@ from weightshare.failpoints import failpoint
 
 
 class FusedUpdates:
-    """Hooks that apply `optimizer`'s update per parameter during backward; `reset()` before each step."""
+    """Hooks that apply `optimizer`'s update per parameter during backward; `reset()` before each step.
 
-    def __init__(self, optimizer: Apollo, params_by_name: dict[str, Tensor]):
+    The finiteness check of each gradient is decided on the device for CUDA parameters (`on_device`
+    None) and the update masked by it, so backward never waits for the host; the names of skipped
+    parameters are read with one sync when `skipped` or `updated` is first asked for after backward.
+    `on_device=True` forces that path (tests run it on CPU), False the host check.
+    """
+
+    def __init__(self, optimizer: Apollo, params_by_name: dict[str, Tensor], on_device: bool | None = None):
         self.optimizer = optimizer
-        self.skipped: list[str] = []  # names whose gradient was not finite in the last backward
-        self.updated = 0
+        self._on_device = on_device
+        self._skipped: list[str] = []  # names whose gradient was not finite in the last backward
+        self._pending: list[tuple[str, Tensor]] = []  # (name, finite flag on the device), not yet read
+        self._seen = 0
         self._grad_sq: Tensor | None = None
         self._handles = optimizer.attach_backward_hooks(params_by_name, guard=self._finite)
 
     def reset(self) -> None:
-        self.skipped, self.updated = [], 0
+        self._skipped, self._pending, self._seen = [], [], 0
         self._grad_sq = None
+
+    @property
+    def skipped(self) -> list[str]:
+        """Parameters of the last backward whose gradient was not finite (their update was not applied)."""
+        if self._pending:
+            flags = torch.stack([ok for _, ok in self._pending]).tolist()  # the step's one host sync
+            self._skipped += [name for (name, _), ok in zip(self._pending, flags, strict=True) if not ok]
+            self._pending = []
+        return self._skipped
+
+    @property
+    def updated(self) -> int:
+        """Parameters updated by the last backward."""
+        return self._seen - len(self.skipped)
 
     @property
     def grad_norm(self) -> float:
         """Global L2 norm of the finite gradients of the last backward."""
         return float(self._grad_sq.sqrt()) if self._grad_sq is not None else 0.0
 
-    def _finite(self, name: str, p: Tensor) -> bool:
+    def _finite(self, name: str, p: Tensor) -> bool | Tensor:
         """Counts the gradient's norm and allows the update only if it is finite."""
         norm = torch.linalg.vector_norm(p.grad, dtype=torch.float32)
-        # One host sync per parameter: the price of never writing a non-finite update.
-        if not torch.isfinite(norm).item():
-            self.skipped.append(name)
+        finite = torch.isfinite(norm)
+        self._seen += 1
+        if self._seen == 2:
+            failpoint("mid_write")  # the first parameter's update has been applied, the rest not
+        on_device = p.is_cuda if self._on_device is None else self._on_device
+        if on_device:
+            sq = torch.where(finite, norm.square(), 0.0)
+            self._grad_sq = sq if self._grad_sq is None else self._grad_sq + sq
+            self._pending.append((name, finite))
+            return finite
+        if not finite.item():  # one host sync per parameter
+            self._skipped.append(name)
             return False
         sq = norm.square()
         self._grad_sq = sq if self._grad_sq is None else self._grad_sq + sq
-        self.updated += 1
-        if self.updated == 2:
-            failpoint("mid_write")  # the first parameter's update has been applied, the rest not
         return True
 
     def remove(self) -> None:
