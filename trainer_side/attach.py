@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Self
 
 import grpc
@@ -53,14 +54,20 @@ class AttachedWeights:
         entry = self.layout.get(hf_name)
         if entry is None:
             raise KeyError(f"{hf_name!r} is not in the exported layout ({len(self.layout)} parameters)")
-        blocks = [
-            self.engine_tensors[s.engine_tensor].narrow(s.dim, s.start, s.length) for s in entry.slices
-        ]
-        if not blocks:
+        slices = list(entry.slices)
+        if not slices:
             raise ValueError(f"{hf_name} has no engine slices: {entry.not_zero_copy_reason}")
-        if len(blocks) == 1:
-            return blocks[0]
-        return torch.cat(blocks, dim=entry.slices[0].dim)
+        first = slices[0]
+        if all(
+            s.engine_tensor == first.engine_tensor and s.dim == first.dim and s.start == prev.start + prev.length
+            for prev, s in pairwise(slices)
+        ):
+            # One range of one engine tensor (several blocks of the global HF tensor at TP > 1, e.g. the
+            # q, k and v rows of a Qwen3.5 in_proj_qkv shard): one view, never a copy.
+            length = sum(s.length for s in slices)
+            return self.engine_tensors[first.engine_tensor].narrow(first.dim, first.start, length)
+        blocks = [self.engine_tensors[s.engine_tensor].narrow(s.dim, s.start, s.length) for s in slices]
+        return torch.cat(blocks, dim=first.dim)
 
     def update_stream(self):
         """A new UpdateWeights stream for this session (see trainer_side.update_client)."""
