@@ -50,3 +50,36 @@ def hf_logprobs(model: torch.nn.Module, prompt: list[int], completion: list[int]
         logits = model(input_ids=ids).logits.float()
     logprobs = torch.log_softmax(logits[0, len(prompt) - 1 : -1], dim=-1)
     return logprobs[torch.arange(len(completion)), torch.tensor(completion, device=device)].tolist()
+
+
+def assert_ranks_rebuild_checkpoint(ranks: list, model_dir: Path) -> int:
+    """Every HF parameter rebuilt from all TP ranks' layouts alone (each slice copied to its `hf_start`)
+    equals the checkpoint bit for bit; rows held by several ranks (`replica_ranks`) agree. Returns the
+    number of HF parameters rebuilt."""
+    expected = checkpoint_tensors(model_dir)
+    rebuilt: dict[str, torch.Tensor] = {}
+    written: dict[str, torch.Tensor] = {}
+    for rank, weights in enumerate(ranks):
+        assert weights.identity.tp_rank == rank and weights.identity.tp_size == len(ranks)
+        for name, entry in weights.layout.items():
+            assert entry.zero_copy, f"rank {rank} {name}: {entry.not_zero_copy_reason}"
+            assert entry.tp_rank == rank and entry.tp_size == len(ranks), name
+            out = rebuilt.setdefault(name, torch.zeros(list(entry.hf_shape), dtype=torch.float32))
+            seen = written.setdefault(name, torch.zeros(list(entry.hf_shape), dtype=torch.bool))
+            for s in entry.slices:
+                assert s.HasField("hf_start"), f"{name}: a slice without its place in the HF tensor"
+                assert rank in s.replica_ranks, name
+                block = weights.engine_tensors[s.engine_tensor].narrow(s.dim, s.start, s.length).float()
+                target = out.narrow(s.dim, s.hf_start, s.length)
+                block = block.reshape(target.shape)  # e.g. conv1d: (dim, width) in vLLM, (dim, 1, width) in HF
+                already = seen.narrow(s.dim, s.hf_start, s.length)
+                if already.any():  # a replica: must equal what another rank holds
+                    assert torch.equal(target[already], block[already]), f"{name}: replicas differ"
+                target.copy_(block)
+                already.fill_(True)
+    for name, out in rebuilt.items():
+        assert written[name].all(), f"{name}: rows no rank holds"
+        reference = expected[name if name in expected else ranks[0].layout[name].tied_to]
+        assert torch.equal(out, reference.float().reshape(out.shape)), name
+    assert set(expected) <= set(rebuilt)
+    return len(rebuilt)
