@@ -25,6 +25,7 @@ from tests.weight_checks import checkpoint_tensors
 from trainer_side.attach import attach
 from weightshare import grpc_util
 from weightshare.failpoints import ENV as FAILPOINT_ENV
+from weightshare.failpoints import RELEASE_ENV as FAILPOINT_RELEASE_ENV
 from weightshare.processes import ServedModel, wait_for_grpc_health
 from weightshare.v1 import trainer_service_pb2 as pb
 from weightshare.v1 import trainer_service_pb2_grpc as pb_grpc
@@ -204,7 +205,9 @@ def test_a_trainer_frozen_past_the_pause_limit_commits_its_step_when_it_wakes(se
     # after 1 s (serving resumes, weights flagged torn). Woken, the trainer's commit is refused; the step
     # becomes a pending commit, which the inference link commits as soon as the server answers again.
     state = tmp_path / "state"
-    trainer = spawn_trainer(served, state, ["--lr", "1e-3", "--max-pause", "1"], env={FAILPOINT_ENV: "commit:stop"})
+    release = tmp_path / "release"  # the trainer stays frozen, whoever continues it, until this exists
+    trainer = spawn_trainer(served, state, ["--lr", "1e-3", "--max-pause", "1"],
+                            env={FAILPOINT_ENV: "commit:stop", FAILPOINT_RELEASE_ENV: str(release)})
     address = f"unix://{tmp_path}/state-trainer.sock"
     try:
         wait_for_grpc_health(address, time.monotonic() + 120, trainer)
@@ -219,6 +222,7 @@ def test_a_trainer_frozen_past_the_pause_limit_commits_its_step_when_it_wakes(se
                 assert time.monotonic() < deadline, "the server never gave up on the silent trainer"
                 time.sleep(0.1)
             assert "pause_timeout" in [e.kind for e in status.events]
+            release.touch()
             os.kill(trainer.pid, signal.SIGCONT)
             while (done := stub.GetTrainingStatus(pb.GetTrainingStatusRequest(), timeout=30)).trained_examples < 2:
                 assert trainer.poll() is None and time.monotonic() < deadline, done

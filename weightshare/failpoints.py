@@ -1,7 +1,10 @@
 """Fault injection for the reliability suite: `WEIGHTSHARE_FAILPOINT=NAME` SIGKILLs the process at NAME.
 
 `WEIGHTSHARE_FAILPOINT=NAME:stop` SIGSTOPs it there instead (every thread, heartbeats included, freezes
-until a SIGCONT): a trainer the OS, a debugger or a long pause left silent past the server's limit.
+until a SIGCONT): a trainer the OS, a debugger or a long pause left silent past the server's limit. With
+`WEIGHTSHARE_FAILPOINT_RELEASE=PATH` it stops again after any SIGCONT until PATH exists: a stray SIGCONT
+(e.g. the kernel's SIGCONT to a process group that becomes orphaned while stopped) cannot end the
+freeze early.
 
 A SIGKILL runs no handler, no `finally` and no atexit: exactly what a crash, the OOM killer or a power
 cut leaves behind. The points (tests/test_faults.py kills a trainer at each):
@@ -19,6 +22,7 @@ import os
 import signal
 
 ENV = "WEIGHTSHARE_FAILPOINT"
+RELEASE_ENV = "WEIGHTSHARE_FAILPOINT_RELEASE"
 POINTS = ("attach", "forward", "paused", "mid_write", "commit")
 _ARMED, _, _ACTION = os.environ.get(ENV, "").partition(":")
 _fired = False
@@ -32,6 +36,9 @@ def failpoint(name: str) -> None:
     if _ACTION == "stop":
         if not _fired:
             _fired = True
+            release = os.environ.get(RELEASE_ENV)
             os.kill(os.getpid(), signal.SIGSTOP)
+            while release and not os.path.exists(release):
+                os.kill(os.getpid(), signal.SIGSTOP)
         return
     os.kill(os.getpid(), signal.SIGKILL)
