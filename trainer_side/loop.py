@@ -506,11 +506,12 @@ class TrainingLoop:
 
     def _record_commit(self, batch, step, lr, tokens, mean_loss, grad_norm, t0, compute_s, ack):
         self.optimizer.zero_grad(set_to_none=True)
-        self.store.consume(len(batch))
         self.counters.step = step
         self._advance_schedule()
         self.counters.weights_version = ack.weights_version
         self.counters.last_loss = mean_loss
+        # Last: a status that shows these examples trained also shows the step and version that trained them.
+        self.store.consume(len(batch))
         seconds = time.perf_counter() - t0
         paused = proto_time.seconds_of(ack, "paused_duration", "paused_seconds")
         self.last_tokens_per_second = tokens / seconds
