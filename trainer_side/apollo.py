@@ -206,7 +206,6 @@ class Apollo(torch.optim.Optimizer):
 
     def _adamw_step(self, params: list[Tensor], group: dict[str, Any]) -> None:
         """`_adamw_update` for many tensors in a few multi-tensor ops: the same fp32 math, rounded once."""
-        beta1, beta2 = group["betas"]
         states, step_sizes, decays = [], [], []
         for p in params:
             state, _, step_size, decay = self._begin(p, group)
@@ -217,14 +216,7 @@ class Apollo(torch.optim.Optimizer):
             step_sizes.append(step_size)
             decays.append(decay)
         grads = [p.grad if p.grad.dtype == torch.float32 else p.grad.float() for p in params]
-        exp_avgs = [s["exp_avg"] for s in states]
-        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
-        torch._foreach_mul_(exp_avgs, beta1)
-        torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
-        denominators = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_add_(denominators, group["eps"])
+        exp_avgs, denominators = _foreach_adam_moments(states, grads, group)
         if not any(decays):
             # In-place on a bf16 p with fp32 operands computes in fp32 and rounds once, as `_update_target`.
             torch._foreach_addcdiv_([p.data for p in params], exp_avgs, denominators, [-s for s in step_sizes])
@@ -292,7 +284,6 @@ class Apollo(torch.optim.Optimizer):
         scale factors and norm-growth limiter of all matrices in a handful of multi-tensor ops; then
         each matrix's one write. Leaves no per-matrix host sync.
         """
-        beta1, beta2 = group["betas"]
         # With Triton, both passes are one launch each for the whole group (apollo_kernels.*_group).
         grouped = self._use_triton and apollo_kernels.fits_group(params, group["rank"])
         states, step_sizes, decays, projections = [], [], [], []
@@ -312,14 +303,7 @@ class Apollo(torch.optim.Optimizer):
         for state, r in zip(states, rs):
             if "exp_avg" not in state:
                 state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(r), torch.zeros_like(r)
-        exp_avgs = [s["exp_avg"] for s in states]
-        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
-        torch._foreach_mul_(exp_avgs, beta1)
-        torch._foreach_add_(exp_avgs, rs, alpha=1.0 - beta1)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, rs, rs, value=1.0 - beta2)
-        denominators = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_add_(denominators, group["eps"])
+        exp_avgs, denominators = _foreach_adam_moments(states, rs, group)
         adam_rs = torch._foreach_div(exp_avgs, denominators)
         # ||G|| of each matrix is the norm of its channel norms.
         grad_norm = torch.stack(torch._foreach_norm(torch._foreach_sqrt(grad_norms)))
@@ -430,6 +414,22 @@ class Apollo(torch.optim.Optimizer):
         return hook
 
 
+def _foreach_adam_moments(
+    states: list[dict[str, Any]], values: list[Tensor], group: dict[str, Any]
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Adam's moments of many tensors in multi-tensor ops: (first moments, sqrt(second) + eps)."""
+    beta1, beta2 = group["betas"]
+    exp_avgs = [s["exp_avg"] for s in states]
+    exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+    torch._foreach_mul_(exp_avgs, beta1)
+    torch._foreach_add_(exp_avgs, values, alpha=1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, values, values, value=1.0 - beta2)
+    denominators = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_add_(denominators, group["eps"])
+    return exp_avgs, denominators
+
+
 def _check_settings(group: dict[str, Any]) -> None:
     """Raise ValueError naming the first invalid setting of a param group."""
     beta1, beta2 = group["betas"]
@@ -535,8 +535,9 @@ def _scale_factor(
 ) -> tuple[Tensor, bool]:
     """Adam in projected space, then the gradient's scale factor after the norm-growth limiter.
 
-    `by_row`: the matrix has at least as many rows as columns, so its channels are rows. Returns (factor, per_row): factor is (rows,) or (cols,) for channel scaling, 0-d for tensor
-    scaling; per_row says the channels are rows.
+    `by_row`: the matrix has at least as many rows as columns, so its channels are rows. Returns
+    (factor, per_row): factor is (rows,) or (cols,) for channel scaling, 0-d for tensor scaling; per_row
+    says the channels are rows.
     """
     if "exp_avg" not in state:
         state["exp_avg"] = torch.zeros_like(r)
