@@ -68,3 +68,22 @@ def test_padding_positions_are_never_targets():
     ids, attention, targets = pad_micro_batch(batch, torch.device("cpu"), pad_id=3)
     assert ids[1].tolist() == [5, 6, 3, 3] and attention[1].tolist() == [1, 1, 0, 0]
     assert targets[1].tolist() == [True, True, False, False]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="liger's fused linear cross-entropy is a CUDA (Triton) kernel")
+def test_fused_linear_ce_equals_chunked_loss_and_grads(model):
+    pytest.importorskip("liger_kernel", reason="liger-kernel is not installed")
+    cuda_model = model.to("cuda")
+    ids, attention, targets = pad_micro_batch(examples(3, model.config.vocab_size), torch.device("cuda"))
+    results = []
+    for fused in (False, True):
+        cuda_model.zero_grad()
+        loss = loss_sum(cuda_model, ids, attention, targets, chunk_tokens=3, fused_linear_ce=fused)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in cuda_model.named_parameters() if p.grad is not None}))
+    model.to("cpu")
+    (chunked, chunked_grads), (fused_loss, fused_grads) = results
+    torch.testing.assert_close(fused_loss, chunked, rtol=1e-4, atol=1e-3)
+    assert fused_grads.keys() == chunked_grads.keys()
+    for name, grad in chunked_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-3, atol=1e-4, msg=name)

@@ -8,6 +8,9 @@
   one chunk (chunk x vocab, fp32) exist at a time, in forward and in backward. At a 248k vocabulary and
   2,048 tokens the full fp32 logits alone would be 2 GB, plus their gradient. Models whose logits are
   post-processed (soft-capping, scaling) take HF's own forward instead.
+- On CUDA with `liger-kernel` installed, the head and cross-entropy run as liger's fused linear
+  cross-entropy instead: its Triton kernel computes the head's gradients during forward, so the logits are
+  never recomputed in backward (the chunked path recomputes each chunk once).
 
 Relies on torch only (the model is any HF causal LM). Tests: tests/test_loss.py.
 """
@@ -54,13 +57,26 @@ def _chunk_ce_sum(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: T
     return F.cross_entropy(logits, labels, reduction="sum")
 
 
+def fused_linear_ce_available(device: torch.device) -> bool:
+    """liger-kernel's fused linear cross-entropy runs here (CUDA and the package importable)."""
+    if device.type != "cuda":
+        return False
+    try:
+        import liger_kernel.transformers.functional  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def loss_sum(
-    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, chunk_tokens: int = 1024
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, chunk_tokens: int = 1024,
+    fused_linear_ce: bool | None = None,
 ) -> Tensor:
     """Sum over target positions of -log p(token | earlier tokens): a 0-d fp32 tensor with a graph.
 
     input_ids, attention_mask, loss_mask: (B, T). Position t is a target when loss_mask[:, t] is True
     (t >= 1; position 0 has nothing before it). `chunk_tokens` <= 0 computes all logits at once.
+    `fused_linear_ce`: use liger's kernel (None: wherever `fused_linear_ce_available`).
     """
     labels = input_ids[:, 1:]
     targets = loss_mask[:, 1:] & attention_mask[:, 1:].bool()
@@ -73,6 +89,14 @@ def loss_sum(
     picked = hidden[:, :-1][targets]  # (N, H): only target positions get logits
     picked_labels = labels[targets]
     head = model.get_output_embeddings()
+    if fused_linear_ce is None:
+        fused_linear_ce = fused_linear_ce_available(picked.device)
+    if fused_linear_ce:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        return liger_fused_linear_cross_entropy(
+            picked, head.weight, picked_labels, bias=head.bias, reduction="sum"
+        ).float()
     if chunk_tokens <= 0 or picked.shape[0] <= chunk_tokens:
         return _chunk_ce_sum(picked, head.weight, head.bias, picked_labels)
     total = picked.new_zeros((), dtype=torch.float32)

@@ -206,6 +206,13 @@ def summarize(rows: list[dict], skip_first: int) -> dict:
             "loss_first": rows[0]["loss"], "loss_last": rows[-1]["loss"]}
 
 
+def trainer_env(pythonpath_prefix: str) -> dict[str, str]:
+    env = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    if pythonpath_prefix:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [pythonpath_prefix, os.environ.get("PYTHONPATH", "")]))
+    return env
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="qwen3_5_27b", choices=sorted(SHAPES))
@@ -226,6 +233,9 @@ def main() -> int:
     parser.add_argument("--update-mode", choices=["strict", "concurrent"], default="strict",
                         help="strict: serving pauses for each update (the whole backward of a fused step); "
                         "concurrent: never pauses")
+    parser.add_argument("--trainer-pythonpath", default="",
+                        help="prepended to the trainer's PYTHONPATH only: e.g. a newer Triton with "
+                        "flash-linear-attention (benchmarks/gpu/fla_env.sh) that vLLM should not import")
     parser.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "benchmarks" / "results")))
     args = parser.parse_args()
     lengths = [int(t) for t in args.tokens.split(",")]
@@ -252,7 +262,7 @@ def main() -> int:
              *args.train_flags.split()]
     trainer = TrainerProcess(served.grpc_address, f"unix://{tmp}/trainer.sock", tmp / "state", flags=flags,
                              log_path=out / "train.log", startup_timeout_s=900,
-                             env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"})
+                             env=trainer_env(args.trainer_pythonpath))
     t0 = time.monotonic()
     memory: dict[str, float] = {}
     results = {"shape": args.shape, "params_b": model_params(config) / 1e9, "lengths": {}}

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from trainer_side.fused import FusedUpdates
-from trainer_side.loss import loss_sum
+from trainer_side.loss import fused_linear_ce_available, loss_sum
 from trainer_side.param_groups import build_optimizer, preset
 
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
@@ -40,7 +40,26 @@ SHAPES = {
 }
 
 
-def build(shape: str):
+def kernel_report() -> str:
+    """Which kernels the step runs: Gated DeltaNet's (fla or HF's PyTorch fallback), and the loss's."""
+    import importlib.metadata as md
+    import importlib.util
+
+    def version(name: str) -> str:
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return "absent"
+
+    gdn = "flash-linear-attention " + version("fla-core") if importlib.util.find_spec("fla") else "PyTorch fallback"
+    ce = "liger fused linear CE " + version("liger-kernel") if fused_linear_ce_available(torch.device("cuda")) \
+        else "chunked CE"
+    import triton
+
+    return f"torch {torch.__version__}, Triton {triton.__version__}; Gated DeltaNet: {gdn}; weightshare loss: {ce}"
+
+
+def build(shape: str, checkpointing: bool):
     from transformers import AutoModelForCausalLM, Qwen3_5TextConfig
 
     fields = SHAPES[shape]
@@ -53,7 +72,8 @@ def build(shape: str):
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
@@ -98,19 +118,23 @@ def run(model, mode: str, batch: int, seq: int, steps: int) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", default="0.8b,4b")
+    parser.add_argument("--shapes", default="0.8b,4b", help=f"comma-separated, of {', '.join(SHAPES)}")
     parser.add_argument("--batches", default="1,4")
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--modes", default="plain,weightshare")
+    parser.add_argument("--no-checkpointing", action="store_true",
+                        help="keep every activation (faster, far more memory) instead of recomputing per layer")
     parser.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "benchmarks" / "results")))
     args = parser.parse_args()
     card = torch.cuda.get_device_name(0)
     peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in card), math.nan)
+    kernels = kernel_report()
+    print(kernels, flush=True)
     rows = []
     for shape in args.shapes.split(","):
         for mode in args.modes.split(","):
-            model = build(shape)
+            model = build(shape, not args.no_checkpointing)
             n = sum(p.numel() for p in model.parameters())
             for batch in map(int, args.batches.split(",")):
                 r = {"shape": shape, "params_b": n / 1e9, **run(model, mode, batch, args.seq, args.steps)}
@@ -122,7 +146,9 @@ def main() -> int:
             del model
             torch.cuda.empty_cache()
     lines = [(f"Trainer throughput on {card}, {time.strftime('%Y-%m-%d')}: random-init Qwen3.5 shapes, "
-              f"{args.seq} tokens per sequence, gradient checkpointing, median step after 1 warm-up."), "",
+              f"{args.seq} tokens per sequence, "
+              f"{'no activation checkpointing' if args.no_checkpointing else 'gradient checkpointing'}, "
+              f"median step after 1 warm-up."), "", kernels + ".", "",
              "| shape | params B | loop | batch | step s | tokens/s | MFU (6N) | peak GB |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("oom"):
@@ -134,7 +160,8 @@ def main() -> int:
     table = "\n".join(lines)
     print(table)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "trainer-throughput.md").write_text(table + "\n")
+    suffix = "-no-checkpointing" if args.no_checkpointing else ""
+    (Path(args.out) / f"trainer-throughput{suffix}.md").write_text(table + "\n")
     return 0
 
 
