@@ -61,6 +61,18 @@ CHECK = textwrap.dedent(
             apollo_kernels.apply_update(p, grad, coef, 0.01, 0.0, ok=torch.tensor(True, device=device))
             assert not torch.equal(p, before)
             assert torch.equal(base[:, :1], base[:, :1]) and base[:, -2:].isfinite().all()
+        # The grouped update with a per-matrix mask: a masked-out matrix (NaN gradient) stores nothing.
+        group = [torch.randn(s, generator=gen).to(device, dtype) for s in ((64, 64), (32, 48), (48, 32))]
+        grads = [torch.randn(t.shape, generator=gen).to(device, dtype) for t in group]
+        grads[1].fill_(float("nan"))
+        before = [t.clone() for t in group]
+        coefs = torch.tensor([0.5, 0.5, 2.0], device=device)
+        oks = torch.tensor([True, False, True], device=device)
+        apollo_kernels.apply_update_group(group, grads, coefs, [0.01] * 3, [0.001] * 3, oks)
+        assert torch.equal(group[1], before[1]), "a masked-out matrix must store nothing"
+        for t, b, g, c in ((group[0], before[0], grads[0], 0.5), (group[2], before[2], grads[2], 2.0)):
+            want = ((b.float() - 0.01 * c * g.float()) * (1 - 0.001)).to(dtype)
+            torch.testing.assert_close(t, want, rtol=3 * 2**-7, atol=1e-2)
         # Whole optimizer steps: grouped kernels (one launch per pass), per-matrix kernels, torch path.
         # One parameter is a strided view, as a parameter bound into a merged vLLM tensor is.
         runs = []

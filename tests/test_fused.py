@@ -48,8 +48,13 @@ def batch(vocab: int) -> tuple:
     return pad_micro_batch(exs, torch.device("cpu")), sum(sum(e.loss_mask[1:]) for e in exs)
 
 
+# Bucket sizes: per parameter (0), several buckets per backward (2,000 elements), one bucket at backward's end.
+BUCKETS = [0, 2_000, 1 << 30]
+
+
+@pytest.mark.parametrize("bucket_elems", BUCKETS)
 @pytest.mark.parametrize("arch", ["llama", "llama_tied", "qwen3_5"])
-def test_fused_step_equals_plain_step_on_shared_views(arch, tiny_model_path):
+def test_fused_step_equals_plain_step_on_shared_views(arch, bucket_elems, tiny_model_path):
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_path(arch, "float32"), dtype=torch.float32).train()
@@ -66,7 +71,7 @@ def test_fused_step_equals_plain_step_on_shared_views(arch, tiny_model_path):
         opt.step()
 
     fused_opt = build_optimizer(fused, config)
-    hooks = FusedUpdates(fused_opt, dict(fused.named_parameters()))
+    hooks = FusedUpdates(fused_opt, dict(fused.named_parameters()), bucket_elems=bucket_elems)
     for _ in range(2):
         hooks.reset()
         (loss_sum(fused, ids, attention, targets, chunk_tokens=4) / tokens).backward()
@@ -106,8 +111,9 @@ def test_a_trainable_parameter_outside_the_optimizer_is_refused(tiny_model_path)
         FusedUpdates(opt, dict(model.named_parameters()))
 
 
+@pytest.mark.parametrize("bucket_elems", BUCKETS)
 @pytest.mark.parametrize("embeddings", ["apollo_mini", "adamw"])
-def test_device_side_guard_masks_exactly_what_the_host_guard_skips(tiny_model_path, embeddings):
+def test_device_side_guard_masks_exactly_what_the_host_guard_skips(tiny_model_path, embeddings, bucket_elems):
     # The CUDA path (flag decided on the device, update masked, one sync after backward) run on CPU
     # against the host check: same weights after two steps, one of them with a NaN gradient.
     from transformers import AutoModelForCausalLM
@@ -118,7 +124,9 @@ def test_device_side_guard_masks_exactly_what_the_host_guard_skips(tiny_model_pa
     hooks = []
     for model, on_device in zip(models, (True, False), strict=True):
         opt = build_optimizer(model, preset("apollo_mini", lr=1e-2, embeddings=embeddings))
-        hooks.append(FusedUpdates(opt, dict(model.named_parameters()), on_device=on_device))
+        # The host-checked side updates per parameter: the reference for every bucketing.
+        hooks.append(FusedUpdates(opt, dict(model.named_parameters()), on_device=on_device,
+                                  bucket_elems=bucket_elems if on_device else 0))
         poisoned = {"step": 0}
 
         def poison(g, poisoned=poisoned):  # NaN in the second step only
@@ -138,3 +146,24 @@ def test_device_side_guard_masks_exactly_what_the_host_guard_skips(tiny_model_pa
     for (name, a), (_, b) in zip(models[0].named_parameters(), models[1].named_parameters(), strict=True):
         assert torch.isfinite(a).all(), name
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_a_bucket_left_by_a_failed_backward_is_dropped_not_applied(tiny_model_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path("llama", "float32"), dtype=torch.float32).train()
+    (ids, attention, targets), tokens = batch(model.config.vocab_size)
+    opt = build_optimizer(model, preset("apollo_mini", lr=1e-2))
+    hooks = FusedUpdates(opt, dict(model.named_parameters()), bucket_elems=1 << 30)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def fail(grad):
+        raise RuntimeError("backward failed")
+
+    model.model.embed_tokens.weight.register_hook(fail)  # the last gradient of backward
+    with pytest.raises(RuntimeError, match="backward failed"):
+        (loss_sum(model, ids, attention, targets) / tokens).backward()
+    hooks.reset()
+    assert all(p.grad is None for p in model.parameters())
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), f"{name} was written by a backward that failed"

@@ -145,6 +145,7 @@ class Apollo(torch.optim.Optimizer):
         self._use_triton = use_triton
         # parameter -> (seed, projection) of the small projections kept between steps.
         self._projections: dict[Tensor, tuple[int, Tensor]] = {}
+        self._bucket: _UpdateBucket | None = None  # batched updates in backward (attach_backward_hooks)
         defaults = {
             "lr": lr,
             "betas": betas,
@@ -191,18 +192,31 @@ class Apollo(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            if self._foreach and group["rank"] is not None and group["scale_type"] == "tensor" and params:
-                self._apollo_tensor_step(params, group)
-                continue
-            if self._foreach and group["rank"] is None and params:
-                # Small tensors (norms, conv1d weights) in multi-tensor ops; a large one keeps its row chunks.
-                small = [p for p in params if p.numel() <= _CHUNK_ELEMS]
-                if small:
-                    self._adamw_step(small, group)
-                params = [p for p in params if p.numel() > _CHUNK_ELEMS]
-            for p in params:
-                self._update(p, group)
+            if params:
+                self._update_many(params, group)
         return loss
+
+    def _update_many(self, params: list[Tensor], group: dict[str, Any], oks: list[Tensor | None] | None = None) -> None:
+        """The steps of several parameters of one group, batched where `foreach` allows; `oks[i]` (a 0-d
+        bool on the device, or None for unmasked) masks parameter i as `_update`'s `ok` does."""
+        flags = [None] * len(params) if oks is None else oks
+        masked = any(f is not None for f in flags)
+        if self._foreach and group["rank"] is not None and group["scale_type"] == "tensor":
+            stacked = None
+            if masked:
+                stacked = torch.stack([f if f is not None else torch.ones((), dtype=torch.bool, device=p.device)
+                                       for p, f in zip(params, flags)])
+            self._apollo_tensor_step(params, group, stacked)
+            return
+        if self._foreach and group["rank"] is None and not masked:
+            # Small tensors (norms, conv1d weights) in multi-tensor ops; a large one keeps its row chunks.
+            small = [p for p in params if p.numel() <= _CHUNK_ELEMS]
+            if small:
+                self._adamw_step(small, group)
+            params = [p for p in params if p.numel() > _CHUNK_ELEMS]
+            flags = [None] * len(params)
+        for p, ok in zip(params, flags):
+            self._update(p, group, ok)
 
     def _adamw_step(self, params: list[Tensor], group: dict[str, Any]) -> None:
         """`_adamw_update` for many tensors in a few multi-tensor ops: the same fp32 math, rounded once."""
@@ -277,12 +291,13 @@ class Apollo(torch.optim.Optimizer):
             self._projections[p] = (seed, proj)
         return proj
 
-    def _apollo_tensor_step(self, params: list[Tensor], group: dict[str, Any]) -> None:
+    def _apollo_tensor_step(self, params: list[Tensor], group: dict[str, Any], oks: Tensor | None = None) -> None:
         """`_update` for a group of tensor-scaled APOLLO matrices, its small Adam state batched.
 
         The same math as `_update`, in three phases: the first pass over each gradient; the moments,
         scale factors and norm-growth limiter of all matrices in a handful of multi-tensor ops; then
-        each matrix's one write. Leaves no per-matrix host sync.
+        each matrix's one write. Leaves no per-matrix host sync. `oks` (one bool per matrix, on the
+        device) masks as `_update`'s `ok` does.
         """
         # With Triton, both passes are one launch each for the whole group (apollo_kernels.*_group).
         grouped = self._use_triton and apollo_kernels.fits_group(params, group["rank"])
@@ -303,7 +318,7 @@ class Apollo(torch.optim.Optimizer):
         for state, r in zip(states, rs):
             if "exp_avg" not in state:
                 state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(r), torch.zeros_like(r)
-        exp_avgs, denominators = _foreach_adam_moments(states, rs, group)
+        exp_avgs, denominators = _foreach_adam_moments(states, rs, group, oks)
         adam_rs = torch._foreach_div(exp_avgs, denominators)
         # ||G|| of each matrix is the norm of its channel norms.
         grad_norm = torch.stack(torch._foreach_norm(torch._foreach_sqrt(grad_norms)))
@@ -322,14 +337,25 @@ class Apollo(torch.optim.Optimizer):
                         torch.tensor(has_previous, device=limiter.device), limiter, torch.ones_like(limiter)
                     )
                 factor, scaled_norm = factor / limiter, scaled_norm / limiter
+            if oks is not None:
+                # A masked-out matrix keeps its norm; one masked out at its first step gets an infinite one,
+                # under which the limiter never acts (as in `_scale_factor`).
+                kept = torch.stack(
+                    [s["scaled_grad_norm"] if "scaled_grad_norm" in s else scaled_norm.new_full((), math.inf)
+                     for s in states]
+                ).reshape(-1)
+                scaled_norm = torch.where(oks, scaled_norm, kept)
             for state, norm in zip(states, scaled_norm.unbind(0)):
                 state["scaled_grad_norm"] = norm
         coefs = factor * math.sqrt(group["scale"])
+        if oks is not None:
+            coefs = torch.where(oks, coefs, 0.0)  # a masked-out matrix's coefficient is never NaN
         if grouped:
-            apollo_kernels.apply_update_group(params, grads, coefs, step_sizes, decays)
+            apollo_kernels.apply_update_group(params, grads, coefs, step_sizes, decays, oks)
             return
-        for p, coef, step_size, decay in zip(params, coefs.reshape(-1, 1, 1).unbind(0), step_sizes, decays):
-            _write_scaled(p, p.grad, coef, False, step_size, decay, self._use_triton)
+        flags = [None] * len(params) if oks is None else oks.unbind(0)
+        for p, coef, step_size, decay, ok in zip(params, coefs.reshape(-1, 1, 1).unbind(0), step_sizes, decays, flags):
+            _write_scaled(p, p.grad, coef, False, step_size, decay, self._use_triton, ok)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load as the base class does, but keep state tensors in float32.
@@ -358,6 +384,8 @@ class Apollo(torch.optim.Optimizer):
         self,
         model_or_params: nn.Module | Iterable[Tensor] | dict[str, Tensor],
         guard: Callable[[str, Tensor], bool | Tensor] | None = None,
+        bucket_elems: int = 0,
+        on_flush: Callable[[], None] | None = None,
     ) -> list[RemovableHandle]:
         """Apply each parameter's update as soon as its gradient is complete, then free that gradient.
 
@@ -376,6 +404,11 @@ class Apollo(torch.optim.Optimizer):
         that flag is true, without waiting for it on the host (the weights, moments and limiter state of a
         masked-out parameter stay as they were; its step count still advances). Returns the hook
         handles; `handle.remove()` detaches them.
+
+        `bucket_elems` > 0 batches the updates: parameters whose gradients are ready wait until they hold
+        that many elements (or backward ends) and are then updated together, as `step()` batches them,
+        instead of ~40 kernel launches each; their gradients live that much longer. `on_flush` runs after
+        each batch is written. `drop_pending_updates()` discards a batch left by a failed backward.
         """
         if isinstance(model_or_params, nn.Module):
             named = list(model_or_params.named_parameters())
@@ -384,6 +417,7 @@ class Apollo(torch.optim.Optimizer):
         else:
             named = [(f"params[{i}]", p) for i, p in enumerate(model_or_params)]
         group_of = {p: i for i, group in enumerate(self.param_groups) for p in group["params"]}
+        self._bucket = _UpdateBucket(self, bucket_elems, on_flush) if bucket_elems > 0 else None
         handles, seen = [], set()
         for name, p in named:
             if not p.requires_grad or p in seen:
@@ -403,6 +437,12 @@ class Apollo(torch.optim.Optimizer):
         # The group is looked up at call time: load_state_dict replaces the group dicts.
         def hook(p: Tensor) -> None:
             verdict = True if guard is None else guard(name, p)
+            if self._bucket is not None:
+                if isinstance(verdict, Tensor) or verdict:
+                    self._bucket.add(p, group_index, verdict if isinstance(verdict, Tensor) else None)
+                else:
+                    p.grad = None
+                return
             if isinstance(verdict, Tensor):  # decided on the device: the update is masked, no host sync
                 with torch.no_grad():
                     self._update(p, self.param_groups[group_index], ok=verdict)
@@ -413,18 +453,81 @@ class Apollo(torch.optim.Optimizer):
 
         return hook
 
+    def drop_pending_updates(self) -> None:
+        """Forget the bucketed updates of a backward that did not finish (their gradients are freed)."""
+        if self._bucket is not None:
+            self._bucket.drop()
+
+
+class _UpdateBucket:
+    """Parameters whose gradients are ready in backward, updated together once they hold `limit` elements
+    or when backward ends (a callback queued on autograd's engine at the first one)."""
+
+    def __init__(self, optimizer: Apollo, limit: int, on_flush: Callable[[], None] | None):
+        self.optimizer, self.limit, self.on_flush = optimizer, limit, on_flush
+        self.entries: list[tuple[Tensor, int, Tensor | None]] = []  # (param, group index, ok flag)
+        self.elems = 0
+        self.end_queued = False
+
+    def add(self, p: Tensor, group_index: int, ok: Tensor | None) -> None:
+        if not self.end_queued:
+            torch.autograd.Variable._execution_engine.queue_callback(self._at_backward_end)
+            self.end_queued = True
+        self.entries.append((p, group_index, ok))
+        self.elems += p.numel()
+        if self.elems >= self.limit:
+            self.flush()
+
+    def _at_backward_end(self) -> None:
+        self.end_queued = False
+        self.flush()
+
+    def flush(self) -> None:
+        entries, self.entries, self.elems = self.entries, [], 0
+        if not entries:
+            return
+        by_group: dict[int, list[tuple[Tensor, Tensor | None]]] = {}
+        for p, group_index, ok in entries:
+            by_group.setdefault(group_index, []).append((p, ok))
+        with torch.no_grad():
+            for group_index, members in by_group.items():
+                group = self.optimizer.param_groups[group_index]
+                self.optimizer._update_many([p for p, _ in members], group, [ok for _, ok in members])
+        for p, _, _ in entries:
+            p.grad = None
+        if self.on_flush is not None:
+            self.on_flush()
+
+    def drop(self) -> None:
+        for p, _, _ in self.entries:
+            p.grad = None
+        self.entries, self.elems, self.end_queued = [], 0, False
+
 
 def _foreach_adam_moments(
-    states: list[dict[str, Any]], values: list[Tensor], group: dict[str, Any]
+    states: list[dict[str, Any]], values: list[Tensor], group: dict[str, Any], oks: Tensor | None = None
 ) -> tuple[list[Tensor], list[Tensor]]:
-    """Adam's moments of many tensors in multi-tensor ops: (first moments, sqrt(second) + eps)."""
+    """Adam's moments of many tensors in multi-tensor ops: (first moments, sqrt(second) + eps).
+
+    With `oks` (one bool per tensor, on the device) the stored moments change only where it is true; the
+    returned ones are the new values either way (the caller masks what it derives from them).
+    """
     beta1, beta2 = group["betas"]
     exp_avgs = [s["exp_avg"] for s in states]
     exp_avg_sqs = [s["exp_avg_sq"] for s in states]
-    torch._foreach_mul_(exp_avgs, beta1)
-    torch._foreach_add_(exp_avgs, values, alpha=1.0 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, values, values, value=1.0 - beta2)
+    if oks is None:
+        torch._foreach_mul_(exp_avgs, beta1)
+        torch._foreach_add_(exp_avgs, values, alpha=1.0 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, values, values, value=1.0 - beta2)
+    else:
+        new_avgs = torch._foreach_mul(exp_avgs, beta1)
+        torch._foreach_add_(new_avgs, values, alpha=1.0 - beta1)
+        new_avg_sqs = torch._foreach_mul(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(new_avg_sqs, values, values, value=1.0 - beta2)
+        for ok, stored, new in zip([*oks.unbind(0)] * 2, exp_avgs + exp_avg_sqs, new_avgs + new_avg_sqs):
+            torch.where(ok, new, stored, out=stored)
+        exp_avgs, exp_avg_sqs = new_avgs, new_avg_sqs
     denominators = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_add_(denominators, group["eps"])
     return exp_avgs, denominators

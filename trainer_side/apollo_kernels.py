@@ -342,16 +342,19 @@ def project_rank1_group(grads: list[Tensor], projs: list[Tensor]) -> list[tuple[
 
 
 def apply_update_group(
-    params: list[Tensor], grads: list[Tensor], coefs: Tensor, step_sizes: list[float], decays: list[float]
+    params: list[Tensor], grads: list[Tensor], coefs: Tensor, step_sizes: list[float], decays: list[float],
+    oks: Tensor | None = None,
 ) -> None:
-    """`apply_update` for many matrices at once, one launch; `coefs` holds one fp32 scalar per matrix."""
+    """`apply_update` for many matrices at once, one launch; `coefs` holds one fp32 scalar per matrix.
+    With `oks` (one bool per matrix, on the device), a matrix is written only where its flag is true."""
     device = params[0].device
     t = _tables(tuple(tuple(p.shape) for p in params), device)
     neg_steps = torch.tensor([-s for s in step_sizes], dtype=torch.float32).to(device, non_blocking=True)
     keeps = torch.tensor([1.0 - d for d in decays], dtype=torch.float32).to(device, non_blocking=True)
+    oks = torch.ones(len(params), dtype=torch.int32, device=device) if oks is None else oks.to(torch.int32)
     _grouped_update_kernel[(t["update_owner"].numel(),)](
         _pointers(params, device), _pointers(grads, device), _strides(params, device), _strides(grads, device),
-        coefs.contiguous(), neg_steps, keeps, t["rows"], t["cols"], t["col_tiles"],
+        coefs.contiguous(), neg_steps, keeps, oks, t["rows"], t["cols"], t["col_tiles"],
         t["update_owner"], t["update_start"],
         P_DTYPE=_TL_DTYPES[params[0].dtype], G_DTYPE=_TL_DTYPES[grads[0].dtype],
         BLOCK_R=_UPDATE_BLOCK_R, BLOCK_C=_UPDATE_BLOCK_C, ROW_TILES=_GROUP_UPDATE_ROW_TILES,
@@ -398,7 +401,7 @@ if triton is not None:
 
     @triton.jit
     def _grouped_update_kernel(
-        p_ptrs, g_ptrs, p_strides, g_strides, coefs, neg_steps, keeps, rows_of, cols_of, col_tiles, owner, start,
+        p_ptrs, g_ptrs, p_strides, g_strides, coefs, neg_steps, keeps, oks, rows_of, cols_of, col_tiles, owner, start,
         P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
         ROW_TILES: tl.constexpr, VEC: tl.constexpr,
     ):  # fmt: skip
@@ -409,7 +412,8 @@ if triton is not None:
         tile_r, tile_c = local // n_col_tiles, local % n_col_tiles
         p_ptr = tl.load(p_ptrs + i).to(tl.pointer_type(P_DTYPE))
         g_ptr = tl.load(g_ptrs + i).to(tl.pointer_type(G_DTYPE))
-        n_rows, n_cols = tl.load(rows_of + i), tl.load(cols_of + i)
+        # A masked-out matrix (its flag 0) has no rows here: nothing is loaded or stored.
+        n_rows, n_cols = tl.load(rows_of + i) * tl.load(oks + i), tl.load(cols_of + i)
         # `fits_group` checked: rows of unit column stride at 16-byte boundaries, so loads are vectors.
         p_ptr, g_ptr = tl.multiple_of(p_ptr, 16), tl.multiple_of(g_ptr, 16)
         p_sr = tl.multiple_of(tl.load(p_strides + 2 * i), VEC)

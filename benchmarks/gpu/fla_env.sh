@@ -19,6 +19,7 @@ case "${1:?part1 or part2}" in
   part2)
     rm -rf "$ENV_DIR" && mkdir -p "$ENV_DIR"
     cat /tmp/fla-parts/tr.part00 .device-bundle/t2/tr.part01 | tar xJ -C "$ENV_DIR"
+    sed -i '/amd/d' "$ENV_DIR"/triton-*.dist-info/entry_points.txt  # the AMD backend was left out
     python3 -m pip install -q --no-index --no-deps --no-compile --target "$ENV_DIR" .whl-fla/*.whl
     PYTHONPATH="$ENV_DIR:${PYTHONPATH:-}" python3 -c \
       "import triton, fla; print('fla-env:', 'triton', triton.__version__, 'fla', fla.__version__)" >&2
