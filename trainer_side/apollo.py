@@ -601,14 +601,15 @@ def _adamw_update(
             target.addcdiv_(m, v.sqrt().add_(group["eps"]), value=-step_size)
 
 
-def _project_in_chunks(grad: Tensor, proj: Tensor) -> tuple[Tensor, Tensor]:
+def _project_in_chunks(grad: Tensor, proj: Tensor, by_row: bool | None = None) -> tuple[Tensor, Tensor]:
     """(R, channel_sq) of a (rows, cols) gradient with torch ops, upcasting at most `_CHUNK_ELEMS` at once.
 
-    R is G @ P.T (rows, rank) when rows >= cols, else P.T @ G (rank, cols); channel_sq holds the squared
-    norm of each channel (row, or column) of G.
+    R is G @ P.T (rows, rank) when `by_row` (default: rows >= cols), else P.T @ G (rank, cols); channel_sq
+    holds the squared norm of each channel (row, or column) of G. A tensor-parallel shard passes the global
+    matrix's orientation, which its own shape may not have.
     """
     rows, cols = grad.shape
-    by_row = rows >= cols
+    by_row = rows >= cols if by_row is None else by_row
     if by_row:
         rank = proj.shape[0]
         r = torch.empty(rows, rank, device=grad.device, dtype=torch.float32)
@@ -642,6 +643,26 @@ def _scale_factor(
     (factor, per_row): factor is (rows,) or (cols,) for channel scaling, 0-d for tensor scaling; per_row
     says the channels are rows.
     """
+    adam_r = projected_adam(r, state, group, ok)
+
+    # Gradient scaling factor: how much Adam stretches each channel (or the tensor) in projected
+    # space, used as an estimate of how it would stretch the full gradient.
+    per_row = by_row and group["scale_type"] == "channel"
+    if group["scale_type"] == "channel":
+        dim = 1 if by_row else 0
+        norms = torch.linalg.vector_norm(adam_r, dim=dim), torch.linalg.vector_norm(r, dim=dim)
+        factor = norms[0] / (norms[1] + _NORM_EPS)  # (rows,) or (cols,)
+        # ||G * factor||: each channel of G is multiplied by its own factor.
+        scaled_norm = (factor.square() * channel_sq).sum().sqrt()
+    else:
+        factor = torch.linalg.vector_norm(adam_r) / (torch.linalg.vector_norm(r) + _NORM_EPS)  # 0-d
+        scaled_norm = factor * channel_sq.sum().sqrt()
+    return limit_growth(factor, scaled_norm, state, group, ok), per_row
+
+
+def projected_adam(r: Tensor, state: dict[str, Any], group: dict[str, Any], ok: Tensor | None = None) -> Tensor:
+    """Adam's update of the projected gradient R from the moments in `state`, which it updates (only where
+    `ok`, when given)."""
     if "exp_avg" not in state:
         state["exp_avg"] = torch.zeros_like(r)
         state["exp_avg_sq"] = torch.zeros_like(r)
@@ -656,36 +677,29 @@ def _scale_factor(
         v = exp_avg_sq.mul(beta2).addcmul_(r, r, value=1.0 - beta2)
         exp_avg.copy_(torch.where(ok, m, exp_avg))
         exp_avg_sq.copy_(torch.where(ok, v, exp_avg_sq))
-    adam_r = m / v.sqrt().add_(group["eps"])  # the Adam update, in projected space
+    return m / v.sqrt().add_(group["eps"])
 
-    # Gradient scaling factor: how much Adam stretches each channel (or the tensor) in projected
-    # space, used as an estimate of how it would stretch the full gradient.
-    per_row = by_row and group["scale_type"] == "channel"
-    if group["scale_type"] == "channel":
-        dim = 1 if by_row else 0
-        norms = torch.linalg.vector_norm(adam_r, dim=dim), torch.linalg.vector_norm(r, dim=dim)
-        factor = norms[0] / (norms[1] + _NORM_EPS)  # (rows,) or (cols,)
-        # ||G * factor||: each channel of G is multiplied by its own factor.
-        scaled_norm = (factor.square() * channel_sq).sum().sqrt()
-    else:
-        factor = torch.linalg.vector_norm(adam_r) / (torch.linalg.vector_norm(r) + _NORM_EPS)  # 0-d
-        scaled_norm = factor * channel_sq.sum().sqrt()
 
+def limit_growth(
+    factor: Tensor, scaled_norm: Tensor, state: dict[str, Any], group: dict[str, Any], ok: Tensor | None = None
+) -> Tensor:
+    """Fira's norm-growth limiter: the scaled gradient's norm may grow by at most gamma per step. Returns
+    the limited factor and keeps this step's scaled norm in `state` (masked by `ok`, when given)."""
     gamma = group["norm_growth_limit"]
-    if gamma is not None:
-        # Fira's norm-growth limiter: the scaled gradient's norm may grow by at most gamma per step.
-        # A tensor clamp instead of apollo-torch's Python max() avoids a device-to-host sync.
-        previous = state.get("scaled_grad_norm")
-        if previous is not None:
-            limiter = torch.clamp(scaled_norm / (previous + _NORM_EPS), min=gamma) / gamma
-            factor = factor / limiter
-            scaled_norm = scaled_norm / limiter
-        if ok is not None:
-            # A masked-out first step leaves an infinite norm, under which the limiter never acts.
-            kept = previous if previous is not None else torch.full_like(scaled_norm, math.inf)
-            scaled_norm = torch.where(ok, scaled_norm, kept)
-        state["scaled_grad_norm"] = scaled_norm
-    return factor, per_row
+    if gamma is None:
+        return factor
+    # A tensor clamp instead of apollo-torch's Python max() avoids a device-to-host sync.
+    previous = state.get("scaled_grad_norm")
+    if previous is not None:
+        limiter = torch.clamp(scaled_norm / (previous + _NORM_EPS), min=gamma) / gamma
+        factor = factor / limiter
+        scaled_norm = scaled_norm / limiter
+    if ok is not None:
+        # A masked-out first step leaves an infinite norm, under which the limiter never acts.
+        kept = previous if previous is not None else torch.full_like(scaled_norm, math.inf)
+        scaled_norm = torch.where(ok, scaled_norm, kept)
+    state["scaled_grad_norm"] = scaled_norm
+    return factor
 
 
 def _write_scaled(
