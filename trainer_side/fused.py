@@ -51,7 +51,8 @@ class FusedUpdates:
         self._skipped: list[str] = []  # names whose gradient was not finite in the last backward
         self._pending: list[tuple[str, Tensor]] = []  # (name, finite flag on the device), not yet read
         self._seen = 0
-        self._grad_sq: Tensor | None = None
+        self._grad_sq: Tensor | None = None  # of the host-checked gradients
+        self._device_norms: list[Tensor] = []  # of the device-checked ones, summed when asked for
         self._flushes = 0
         self._handles = optimizer.attach_backward_hooks(
             params_by_name, guard=self._finite, bucket_elems=bucket_elems, on_flush=self._flushed
@@ -60,7 +61,7 @@ class FusedUpdates:
 
     def reset(self) -> None:
         self._skipped, self._pending, self._seen, self._flushes = [], [], 0, 0
-        self._grad_sq = None
+        self._grad_sq, self._device_norms = None, []
         self.optimizer.drop_pending_updates()  # a batch left by a backward that raised
 
     def _flushed(self) -> None:
@@ -85,7 +86,12 @@ class FusedUpdates:
     @property
     def grad_norm(self) -> float:
         """Global L2 norm of the finite gradients of the last backward."""
-        return float(self._grad_sq.sqrt()) if self._grad_sq is not None else 0.0
+        total = self._grad_sq
+        if self._device_norms:
+            norms = torch.stack(self._device_norms)
+            sq = torch.where(torch.isfinite(norms), norms, 0.0).square().sum()
+            total = sq if total is None else total + sq
+        return float(total.sqrt()) if total is not None else 0.0
 
     def _finite(self, name: str, p: Tensor) -> bool | Tensor:
         """Counts the gradient's norm and allows the update only if it is finite."""
@@ -96,8 +102,7 @@ class FusedUpdates:
             failpoint("mid_write")  # the first parameter's update has been applied, the rest not
         on_device = p.is_cuda if self._on_device is None else self._on_device
         if on_device:
-            sq = torch.where(finite, norm.square(), 0.0)
-            self._grad_sq = sq if self._grad_sq is None else self._grad_sq + sq
+            self._device_norms.append(norm)  # two launches per parameter; the sum waits for `grad_norm`
             self._pending.append((name, finite))
             return finite
         if not finite.item():  # one host sync per parameter

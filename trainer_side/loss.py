@@ -8,9 +8,11 @@
   one chunk (chunk x vocab, fp32) exist at a time, in forward and in backward. At a 248k vocabulary and
   2,048 tokens the full fp32 logits alone would be 2 GB, plus their gradient. Models whose logits are
   post-processed (soft-capping, scaling) take HF's own forward instead.
-- On CUDA with `liger-kernel` installed, the head and cross-entropy run as liger's fused linear
-  cross-entropy instead: its Triton kernel computes the head's gradients during forward, so the logits are
-  never recomputed in backward (the chunked path recomputes each chunk once).
+- `fused_linear_ce=True` (CUDA, `liger-kernel` installed) runs the head and cross-entropy as liger's
+  fused linear cross-entropy instead: the head's gradients are computed during forward, never the whole
+  logits. Off by default: at a 248k vocabulary liger cuts the tokens into chunks of ~BT/49 (16 tokens at
+  512), and on an H100 its 32 skinny matmuls over the 2.5 GB head took ~140 ms of a 620 ms fused step of
+  16 Qwen3.5-27B layers, where the chunked path computes one chunk of 1,024 tokens (BENCHMARKS.md).
 
 Relies on torch only (the model is any HF causal LM). Tests: tests/test_loss.py.
 """
@@ -70,13 +72,13 @@ def fused_linear_ce_available(device: torch.device) -> bool:
 
 def loss_sum(
     model: nn.Module, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, chunk_tokens: int = 1024,
-    fused_linear_ce: bool | None = None,
+    fused_linear_ce: bool = False,
 ) -> Tensor:
     """Sum over target positions of -log p(token | earlier tokens): a 0-d fp32 tensor with a graph.
 
     input_ids, attention_mask, loss_mask: (B, T). Position t is a target when loss_mask[:, t] is True
     (t >= 1; position 0 has nothing before it). `chunk_tokens` <= 0 computes all logits at once.
-    `fused_linear_ce`: use liger's kernel (None: wherever `fused_linear_ce_available`).
+    `fused_linear_ce`: use liger's kernel (see the module docstring; needs `fused_linear_ce_available`).
     """
     labels = input_ids[:, 1:]
     targets = loss_mask[:, 1:] & attention_mask[:, 1:].bool()
@@ -89,8 +91,6 @@ def loss_sum(
     picked = hidden[:, :-1][targets]  # (N, H): only target positions get logits
     picked_labels = labels[targets]
     head = model.get_output_embeddings()
-    if fused_linear_ce is None:
-        fused_linear_ce = fused_linear_ce_available(picked.device)
     if fused_linear_ce:
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 

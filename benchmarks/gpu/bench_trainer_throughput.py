@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from trainer_side.fused import FusedUpdates
-from trainer_side.loss import fused_linear_ce_available, loss_sum
+from trainer_side.loss import loss_sum
 from trainer_side.param_groups import build_optimizer, preset
 
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
@@ -52,8 +52,7 @@ def kernel_report() -> str:
             return "absent"
 
     gdn = "flash-linear-attention " + version("fla-core") if importlib.util.find_spec("fla") else "PyTorch fallback"
-    ce = "liger fused linear CE " + version("liger-kernel") if fused_linear_ce_available(torch.device("cuda")) \
-        else "chunked CE"
+    ce = "chunked CE"
     import triton
 
     return f"torch {torch.__version__}, Triton {triton.__version__}; Gated DeltaNet: {gdn}; weightshare loss: {ce}"
