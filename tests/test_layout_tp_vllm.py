@@ -1,13 +1,13 @@
 """The layout schema at TP 2 and 4, every rank, against the slicing of vLLM's own weight loaders (CPU, no engine).
 
-For each tiny architecture and TP size, every rank's model is built by vLLM's own `initialize_model` from
-vLLM's model class (Qwen3_5ForCausalLM, LlamaForCausalLM, Qwen3ForCausalLM) with vLLM's TP rank / world size
-functions swapped for that rank in every loaded vLLM module (and a one-stage pipeline group), then loaded by
-the model's own `load_weights` (AutoWeightsLoader, the hf_to_vllm_mapper's stacked entries, and the real
-loaders: QKVParallelLinear / MergedColumnParallelLinear weight_loader_v2 with their K/V replication,
-VocabParallelEmbedding / ParallelLMHead, the GDN conv1d's mamba_v2_sharded_weight_loader, A_log and dt_bias
-sharded_weight_loader, RowParallelLinear) from random global HF tensors. `derive_layout` then describes that
-rank. Checked, per architecture and TP size:
+For each tiny architecture and TP size, every rank's model is built (tests/tp_vllm_models.py) by vLLM's own
+`initialize_model` from vLLM's model class (Qwen3_5ForCausalLM, LlamaForCausalLM, Qwen3ForCausalLM) with
+vLLM's TP rank / world size functions swapped for that rank in every loaded vLLM module (and a one-stage
+pipeline group), then loaded by the model's own `load_weights` (AutoWeightsLoader, the hf_to_vllm_mapper's
+stacked entries, and the real loaders: QKVParallelLinear / MergedColumnParallelLinear weight_loader_v2 with
+their K/V replication, VocabParallelEmbedding / ParallelLMHead, the GDN conv1d's
+mamba_v2_sharded_weight_loader, A_log and dt_bias sharded_weight_loader, RowParallelLinear) from random global
+HF tensors. `derive_layout` then describes that rank. Checked, per architecture and TP size:
   (a) every block a layout names, read from the rank's engine tensor, equals the global HF tensor at the
       block's `hf_start` (so the layout says exactly what vLLM's loaders put where);
   (b) every engine row that no slice covers is vocabulary padding (zeros, embedding / lm_head only), and no
@@ -26,183 +26,18 @@ Run as: .venv/bin/python -m pytest tests/test_layout_tp_vllm.py
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import sys
-from pathlib import Path
-from types import SimpleNamespace
-from typing import NamedTuple
-
 import pytest
 import torch
 
+from tests.tp_vllm_models import ARCHS, TP_SIZES, VOCAB_NAMES, Sharded, sharded_model
 from weightshare.v1 import tensors_pb2
 
 pytestmark = pytest.mark.vllm
 
-TP_SIZES = (1, 2, 4)
-ARCHS = ("qwen3_5", "llama_tied", "qwen3")
-VOCAB = {"qwen3_5": 500, "llama_tied": 130, "qwen3": 512}  # padded by vLLM to 512, 192, 512 rows
-VOCAB_NAMES = ("model.embed_tokens.weight", "lm_head.weight")
-
-
-def _hf_config(arch: str):
-    from transformers import LlamaConfig, Qwen3_5TextConfig, Qwen3Config
-
-    common = {"vocab_size": VOCAB[arch], "hidden_size": 64, "intermediate_size": 128, "dtype": "bfloat16"}
-    if arch == "qwen3_5":
-        # 2 KV heads (replicated at TP 4); GDN with 4 key heads and 8 value heads of 16.
-        config = Qwen3_5TextConfig(
-            **common,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            num_hidden_layers=2,
-            layer_types=["linear_attention", "full_attention"],
-            linear_num_key_heads=4,
-            linear_num_value_heads=8,
-            linear_key_head_dim=16,
-            linear_value_head_dim=16,
-            linear_conv_kernel_dim=4,
-            tie_word_embeddings=False,
-        )
-        config.architectures = ["Qwen3_5ForCausalLM"]
-    elif arch == "llama_tied":
-        # One KV head (replicated at TP 2 and 4), biases everywhere, lm_head tied to the embedding.
-        config = LlamaConfig(
-            **common,
-            num_attention_heads=4,
-            num_key_value_heads=1,
-            num_hidden_layers=2,
-            attention_bias=True,
-            mlp_bias=True,
-            tie_word_embeddings=True,
-        )
-        config.architectures = ["LlamaForCausalLM"]
-    else:
-        config = Qwen3Config(
-            **common,
-            num_attention_heads=8,
-            num_key_value_heads=4,
-            head_dim=16,
-            num_hidden_layers=2,
-            tie_word_embeddings=False,
-        )
-        config.architectures = ["Qwen3ForCausalLM"]
-    return config
-
-
-@contextlib.contextmanager
-def _as_tp_rank(tp_rank: int, tp_size: int):
-    """vLLM's TP rank / world size functions answer (tp_rank, tp_size) in every vLLM module, and the pipeline
-    group is one stage, as in vLLM's worker of that rank; restored everywhere after (also in modules first
-    imported meanwhile, which copied the swapped functions)."""
-    from vllm.distributed import parallel_state
-
-    names = ("get_tensor_model_parallel_rank", "get_tensor_model_parallel_world_size", "get_pp_group")
-    originals = {name: getattr(parallel_state, name) for name in names}
-    pp_group = SimpleNamespace(rank_in_group=0, world_size=1, is_first_rank=True, is_last_rank=True)
-    fakes = {
-        "get_tensor_model_parallel_rank": lambda: tp_rank,
-        "get_tensor_model_parallel_world_size": lambda: tp_size,
-        "get_pp_group": lambda: pp_group,
-    }
-
-    def swap(old: dict, new: dict) -> None:
-        for module_name, module in list(sys.modules.items()):
-            if not module_name.startswith("vllm") or module is None:
-                continue
-            for name in names:
-                if getattr(module, name, None) is old[name]:
-                    setattr(module, name, new[name])
-
-    swap(originals, fakes)
-    try:
-        yield
-    finally:
-        swap(fakes, originals)
-
-
-class Rank(NamedTuple):
-    engine: dict[
-        str, torch.Tensor
-    ]  # engine parameter name -> this rank's tensor, as vLLM's loaders filled it
-    layouts: dict[str, tensors_pb2.ParameterLayout]
-    engine_tensors: list[tensors_pb2.EngineTensor]
-
-
-class Sharded(NamedTuple):
-    arch: str
-    tp_size: int
-    hf: dict[str, torch.Tensor]  # global HF tensors (tied names included)
-    ranks: list[Rank]
-
-
-def _build_rank(config_dir: Path, hf_config, hf: dict[str, torch.Tensor], tp_rank: int, tp_size: int) -> Rank:
-    from vllm.engine.arg_utils import EngineArgs
-    from vllm.model_executor.model_loader.utils import initialize_model
-    from vllm.utils.torch_utils import set_default_torch_dtype
-
-    from inference_side.layout import derive_layout
-
-    args = EngineArgs(
-        model=str(config_dir),
-        skip_tokenizer_init=True,
-        dtype="bfloat16",
-        enforce_eager=True,
-        max_model_len=128,
-        load_format="dummy",
-    )
-    vllm_config = args.create_engine_config()  # a fresh one per rank: layers register by name in it
-    with _as_tp_rank(tp_rank, tp_size):
-        with set_default_torch_dtype(torch.bfloat16):
-            model = initialize_model(vllm_config)
-        # Garbage where no loader writes, so an unloaded row cannot pass for a loaded one.
-        for p in model.parameters():
-            p.data.fill_(float("nan"))
-        untied = {
-            name: t for name, t in hf.items() if name != "lm_head.weight" or not hf_config.tie_word_embeddings
-        }
-        model.load_weights(iter(untied.items()))
-        layouts, engine_tensors = derive_layout(model, hf_config)
-    engine = dict(model.named_parameters(remove_duplicate=False))
-    return Rank(engine, {lay.hf_name: lay for lay in layouts}, engine_tensors)
-
-
-@functools.cache
-def _sharded(arch: str, tp_size: int, workdir: Path) -> Sharded:
-    from inference_side.layout import hf_meta_parameters
-    from weightshare.vllm_compat import ensure_qwen3_5_registered
-
-    ensure_qwen3_5_registered()
-    hf_config = _hf_config(arch)
-    config_dir = workdir / arch
-    if not config_dir.exists():
-        hf_config.save_pretrained(config_dir)
-    generator = torch.Generator().manual_seed(0)
-    hf: dict[str, torch.Tensor] = {}
-    for p in hf_meta_parameters(hf_config):
-        if p.tied_to:
-            hf[p.name] = hf[p.tied_to]
-        else:
-            hf[p.name] = torch.randn(p.shape, generator=generator).to(p.dtype)
-    ranks = [_build_rank(config_dir, hf_config, hf, r, tp_size) for r in range(tp_size)]
-    return Sharded(arch, tp_size, hf, ranks)
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("tp-layout")
-
 
 @pytest.fixture(params=[(arch, tp) for arch in ARCHS for tp in TP_SIZES], ids=lambda p: f"{p[0]}-tp{p[1]}")
-def sharded(request, workdir) -> Sharded:
-    arch, tp_size = request.param
-    return _sharded(arch, tp_size, workdir)
-
-
-def _get(workdir: Path, arch: str, tp_size: int) -> Sharded:
-    return _sharded(arch, tp_size, workdir)
+def sharded(request) -> Sharded:
+    return sharded_model(*request.param)
 
 
 def _block(tensor: torch.Tensor, s: tensors_pb2.EngineSlice, start: int) -> torch.Tensor:
@@ -304,9 +139,9 @@ GDN = "model.layers.0.linear_attn."
 ATTN = "model.layers.1.self_attn."
 
 
-def test_qwen3_5_gdn_projections_per_rank(workdir):
+def test_qwen3_5_gdn_projections_per_rank():
     # key_dim = 4 heads x 16 = 64, value_dim = 8 x 16 = 128; in_proj_qkvz output_sizes [64, 64, 128, 128].
-    tp2 = _get(workdir, "qwen3_5", 2)
+    tp2 = sharded_model("qwen3_5", 2)
     qkv = [rank.layouts[GDN + "in_proj_qkv.weight"] for rank in tp2.ranks]
     # Rank r: q rows 32r:32r+32, k rows 64+32r:..., v rows 128+64r:... of HF in_proj_qkv, one engine range.
     assert [_spans(lay) for lay in qkv] == [
@@ -329,7 +164,7 @@ def test_qwen3_5_gdn_projections_per_rank(workdir):
     ]
     # The conv1d is sharded per q / k / v section like in_proj_qkv.
     assert _spans(tp2.ranks[1].layouts[GDN + "conv1d.weight"]) == [(32, 0, 32), (96, 32, 32), (192, 64, 64)]
-    tp4 = _get(workdir, "qwen3_5", 4)
+    tp4 = sharded_model("qwen3_5", 4)
     assert _spans(tp4.ranks[3].layouts[GDN + "in_proj_qkv.weight"]) == [
         (48, 0, 16),
         (112, 16, 16),
@@ -338,9 +173,9 @@ def test_qwen3_5_gdn_projections_per_rank(workdir):
     assert [_spans(rank.layouts[GDN + "A_log"]) for rank in tp4.ranks] == [[(2 * r, 0, 2)] for r in range(4)]
 
 
-def test_kv_heads_replicated_when_tp_exceeds_them(workdir):
+def test_kv_heads_replicated_when_tp_exceeds_them():
     # Qwen3.5: 2 KV heads of 16 at TP 4: ranks 0, 1 hold head 0; ranks 2, 3 head 1 (num_kv_head_replicas 2).
-    tp4 = _get(workdir, "qwen3_5", 4)
+    tp4 = sharded_model("qwen3_5", 4)
     for proj, engine_start in (("k_proj", 32), ("v_proj", 48)):
         slices = [rank.layouts[ATTN + proj + ".weight"].slices for rank in tp4.ranks]
         assert [[(s.hf_start, s.start, s.length, tuple(s.replica_ranks)) for s in sl] for sl in slices] == [
@@ -356,25 +191,25 @@ def test_kv_heads_replicated_when_tp_exceeds_them(workdir):
     ]
     # Llama with one KV head: every rank holds it, at TP 2 and 4.
     for tp_size in (2, 4):
-        llama = _get(workdir, "llama_tied", tp_size)
+        llama = sharded_model("llama_tied", tp_size)
         for name in ("model.layers.0.self_attn.k_proj.weight", "model.layers.0.self_attn.v_proj.bias"):
             for rank in llama.ranks:
                 (s,) = rank.layouts[name].slices
                 assert (s.hf_start, s.length, list(s.replica_ranks)) == (0, 16, list(range(tp_size)))
 
 
-def test_vocabulary_padding_per_rank(workdir):
+def test_vocabulary_padding_per_rank():
     # 130 rows padded to 192: TP 2 -> 96 rows each; TP 4 -> 48 each, the last rank padding only.
     expected = {2: [[(0, 0, 96)], [(96, 0, 34)]], 4: [[(0, 0, 48)], [(48, 0, 48)], [(96, 0, 34)], []]}
     for tp_size, spans in expected.items():
-        llama = _get(workdir, "llama_tied", tp_size)
+        llama = sharded_model("llama_tied", tp_size)
         for name in VOCAB_NAMES:
             assert [_spans(rank.layouts[name]) for rank in llama.ranks] == spans
         assert all(rank.layouts["lm_head.weight"].tied_to == VOCAB_NAMES[0] for rank in llama.ranks)
     last = llama.ranks[3].layouts[VOCAB_NAMES[0]]
     assert not last.zero_copy and list(last.local_shape) == [0, 64]
     # Qwen3.5: 500 rows padded to 512: at TP 4 rank 3 holds rows 384:500 and 12 padding rows.
-    tp4 = _get(workdir, "qwen3_5", 4)
+    tp4 = sharded_model("qwen3_5", 4)
     assert [_spans(rank.layouts["lm_head.weight"]) for rank in tp4.ranks] == [
         [(0, 0, 128)],
         [(128, 0, 128)],
@@ -383,8 +218,8 @@ def test_vocabulary_padding_per_rank(workdir):
     ]
 
 
-def test_layouts_with_the_new_fields_survive_the_wire(workdir):
-    layouts = list(_get(workdir, "qwen3_5", 2).ranks[1].layouts.values())
+def test_layouts_with_the_new_fields_survive_the_wire():
+    layouts = list(sharded_model("qwen3_5", 2).ranks[1].layouts.values())
     wire = [tensors_pb2.ParameterLayout.FromString(lay.SerializeToString()) for lay in layouts]
     assert wire == layouts
     assert all(s.HasField("hf_start") for lay in wire for s in lay.slices)
