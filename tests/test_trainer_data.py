@@ -257,6 +257,44 @@ def test_fused_loop_begins_before_backward_and_frees_gradients(tmp_path, tiny_lo
         LoopConfig(fused_step=True, examples_per_step=4, micro_batch_size=1)
 
 
+def test_kernel_warmup_writes_nothing_and_trains_as_without_it(tmp_path, tiny_loop):
+    """The warm-up backward before a fused run's first update (on by default on CUDA, forced here) changes no
+    weight, leaves no gradient, and the steps that follow equal those of a run without it."""
+    import torch
+
+    from trainer_side.loop import LoopConfig
+
+    make, model, _events, calls = tiny_loop
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trained = []
+    for warmup in (False, True):
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(initial[n])
+        store = ExampleStore(tmp_path / f"warmup-{warmup}")
+        store.append([TokenizedExample(f"w{i}", (5, 6, 7, 8, 9), (False, True, True, True, True)) for i in range(4)])
+        loop = make(LoopConfig(lr=1e-2, examples_per_step=2, micro_batch_size=2, fused_step=True, max_steps=2,
+                               batch_wait_s=0.1, kernel_warmup=warmup), store)
+        warmed = []
+        original_warm_up, calls_before = loop._warm_up, len(calls)
+
+        def warm_up(batch, tokens, original=original_warm_up, warmed=warmed, earlier=calls_before):
+            assert not calls[earlier:], "the warm-up must run before any update begins"
+            original(batch, tokens)
+            warmed.append(all(torch.equal(p, initial[n]) for n, p in model.named_parameters()))
+            warmed.append(all(p.grad is None for p in model.parameters()))
+
+        loop._warm_up = warm_up
+        loop.start()
+        wait_for(lambda loop=loop: not loop.running)
+        loop._fused.remove()
+        assert warmed == ([True, True] if warmup else []), warmed
+        trained.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    assert any(not torch.equal(value, initial[name]) for name, value in trained[0].items()), "nothing trained"
+    for name, value in trained[0].items():
+        torch.testing.assert_close(trained[1][name], value, rtol=0, atol=0, msg=name)
+
+
 def test_interrupted_checkpoint_leaves_nothing_behind(tmp_path, tiny_loop):
     from trainer_side.checkpoint_writer import CheckpointInterrupted
     from trainer_side.loop import CHECKPOINTS_DIR, LoopConfig, latest_checkpoint

@@ -146,6 +146,7 @@ class Apollo(torch.optim.Optimizer):
         # parameter -> (seed, projection) of the small projections kept between steps.
         self._projections: dict[Tensor, tuple[int, Tensor]] = {}
         self._bucket: _UpdateBucket | None = None  # batched updates in backward (attach_backward_hooks)
+        self._discard_gradients = False  # backward hooks free gradients without updating (`gradients_discarded`)
         defaults = {
             "lr": lr,
             "betas": betas,
@@ -436,6 +437,9 @@ class Apollo(torch.optim.Optimizer):
     ) -> Callable[[Tensor], None]:
         # The group is looked up at call time: load_state_dict replaces the group dicts.
         def hook(p: Tensor) -> None:
+            if self._discard_gradients:
+                p.grad = None
+                return
             verdict = True if guard is None else guard(name, p)
             if self._bucket is not None:
                 if isinstance(verdict, Tensor) or verdict:
@@ -452,6 +456,16 @@ class Apollo(torch.optim.Optimizer):
             p.grad = None
 
         return hook
+
+    @contextmanager
+    def gradients_discarded(self) -> Iterator[None]:
+        """Within it, the backward hooks free each gradient and update nothing (a warm-up backward that
+        compiles kernels writes no weight and no state)."""
+        self._discard_gradients = True
+        try:
+            yield
+        finally:
+            self._discard_gradients = False
 
     def drop_pending_updates(self) -> None:
         """Forget the bucketed updates of a backward that did not finish (their gradients are freed)."""

@@ -119,6 +119,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--examples-per-step examples form one micro-batch; strict mode pauses serving for the whole backward",
     )
     parser.add_argument(
+        "--kernel-warmup", action=argparse.BooleanOptionalAction, default=None,
+        help="with --fused-step: one backward whose gradients are dropped before the first update, so GPU "
+        "kernels compile and autotune while vLLM serves, not while it is paused (default: on CUDA only)",
+    )
+    parser.add_argument(
         "--micro-batch-size", type=int, default=0,
         help="examples per forward/backward pass, right-padded (default: all of --examples-per-step with "
         "--fused-step, else 1)",

@@ -71,6 +71,7 @@ class TrainerConfig:
                 keep_checkpoints=args.keep_checkpoints, max_pause_s=args.max_pause,
                 gradient_checkpointing=args.gradient_checkpointing, fused_step=args.fused_step,
                 loss_chunk_tokens=args.loss_chunk_tokens, memory_report=args.memory_report,
+                kernel_warmup=args.kernel_warmup,
                 micro_batch_size=args.micro_batch_size or (args.examples_per_step if args.fused_step else 1),
             )
         except ValueError as err:
