@@ -283,14 +283,18 @@ class Apollo(torch.optim.Optimizer):
         """This step's projection of `p`, drawn anew every `update_proj_gap` steps of `p`."""
         if step > 0 and step % group["update_proj_gap"] == 0:
             state["seed"] = next_seed(state["seed"])
-        seed, rank = state["seed"], group["rank"]
+        seed = state["seed"]
         cached = self._projections.get(p)
         if cached is not None and cached[0] == seed:
             return cached[1]
-        proj = projection(seed, tuple(p.shape), rank, p.device)
+        proj = self._draw_projection(p, seed, group["rank"])
         if proj.numel() <= _CACHED_PROJECTION_ELEMS:
             self._projections[p] = (seed, proj)
         return proj
+
+    def _draw_projection(self, p: Tensor, seed: int, rank: int) -> Tensor:
+        """The projection of `p` drawn from `seed` (a subclass may draw another matrix's and take a part)."""
+        return projection(seed, tuple(p.shape), rank, p.device)
 
     def _apollo_tensor_step(self, params: list[Tensor], group: dict[str, Any], oks: Tensor | None = None) -> None:
         """`_update` for a group of tensor-scaled APOLLO matrices, its small Adam state batched.

@@ -64,7 +64,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from trainer_side import apollo
-from trainer_side.apollo import Apollo, next_seed, projection
+from trainer_side.apollo import Apollo, projection
 
 
 @dataclass(frozen=True)
@@ -212,7 +212,7 @@ class ShardedApollo(Apollo):
         """`Apollo._update` of a shard: the global matrix's math, with the sums over ranks all-reduced."""
         state, step, step_size, decay = self._begin(p, group)
         by_row = spec.global_shape[0] >= spec.global_shape[1]
-        proj = self._shard_projection(p, spec, state, group, step)
+        proj = self._projection(p, state, group, step)
         r, channel_sq = self._shard_first_pass(p.grad, proj, by_row, group["rank"])
         if spec.dim == projected_away_dim(spec.global_shape):
             r, channel_sq = self._sum_partial_projection(r, channel_sq, spec.replicas)
@@ -225,23 +225,16 @@ class ShardedApollo(Apollo):
             coef = torch.where(ok, coef, 0.0)  # a masked-out parameter's coefficient is never NaN
         apollo._write_scaled(p, p.grad, coef, per_row, step_size, decay, self._use_triton, ok)
 
-    def _shard_projection(
-        self, p: Tensor, spec: ShardSpec, state: dict[str, Any], group: dict[str, Any], step: int
-    ) -> Tensor:
-        """This rank's part of the global matrix's projection, refreshed as `Apollo._projection` does."""
-        if step > 0 and step % group["update_proj_gap"] == 0:
-            state["seed"] = next_seed(state["seed"])
-        seed = state["seed"]
-        cached = self._projections.get(p)
-        if cached is not None and cached[0] == seed:
-            return cached[1]
-        proj = projection(seed, spec.global_shape, group["rank"], p.device)
-        away = projected_away_dim(spec.global_shape)
-        if spec.dim == away:
+    def _draw_projection(self, p: Tensor, seed: int, rank: int) -> Tensor:
+        """A shard's projection is its part of the global matrix's (seeds, refreshes and caching are
+        `Apollo._projection`'s)."""
+        spec = self._shards.get(p)
+        if spec is None:
+            return super()._draw_projection(p, seed, rank)
+        proj = projection(seed, spec.global_shape, rank, p.device)
+        if spec.dim == projected_away_dim(spec.global_shape):
             # P spans the projected-away dimension along the same dim (P is (rank, cols) or (rows, rank)).
             proj = spec.take(proj).contiguous()
-        if proj.numel() <= apollo._CACHED_PROJECTION_ELEMS:
-            self._projections[p] = (seed, proj)
         return proj
 
     def _shard_first_pass(
