@@ -147,6 +147,7 @@ class Apollo(torch.optim.Optimizer):
         self._projections: dict[Tensor, tuple[int, Tensor]] = {}
         self._bucket: _UpdateBucket | None = None  # batched updates in backward (attach_backward_hooks)
         self._discard_gradients = False  # backward hooks free gradients without updating (`gradients_discarded`)
+        self._on_written: Callable[[], None] | None = None  # attach_backward_hooks' on_flush
         defaults = {
             "lr": lr,
             "betas": betas,
@@ -413,7 +414,7 @@ class Apollo(torch.optim.Optimizer):
         `bucket_elems` > 0 batches the updates: parameters whose gradients are ready wait until they hold
         that many elements (or backward ends) and are then updated together, as `step()` batches them,
         instead of ~40 kernel launches each; their gradients live that much longer. `on_flush` runs after
-        each batch is written. `drop_pending_updates()` discards a batch left by a failed backward.
+        each batch is written (after each parameter's update, without buckets). `drop_pending_updates()` discards a batch left by a failed backward.
         """
         if isinstance(model_or_params, nn.Module):
             named = list(model_or_params.named_parameters())
@@ -423,6 +424,7 @@ class Apollo(torch.optim.Optimizer):
             named = [(f"params[{i}]", p) for i, p in enumerate(model_or_params)]
         group_of = {p: i for i, group in enumerate(self.param_groups) for p in group["params"]}
         self._bucket = _UpdateBucket(self, bucket_elems, on_flush) if bucket_elems > 0 else None
+        self._on_written = on_flush
         handles, seen = [], set()
         for name, p in named:
             if not p.requires_grad or p in seen:
@@ -445,19 +447,18 @@ class Apollo(torch.optim.Optimizer):
                 p.grad = None
                 return
             verdict = True if guard is None else guard(name, p)
-            if self._bucket is not None:
-                if isinstance(verdict, Tensor) or verdict:
-                    self._bucket.add(p, group_index, verdict if isinstance(verdict, Tensor) else None)
-                else:
-                    p.grad = None
-                return
-            if isinstance(verdict, Tensor):  # decided on the device: the update is masked, no host sync
+            # A flag decided on the device masks the update (no host sync); False skips it.
+            ok = verdict if isinstance(verdict, Tensor) else None
+            if ok is None and not verdict:
+                p.grad = None
+            elif self._bucket is not None:
+                self._bucket.add(p, group_index, ok)
+            else:
                 with torch.no_grad():
-                    self._update(p, self.param_groups[group_index], ok=verdict)
-            elif verdict:
-                with torch.no_grad():
-                    self._update(p, self.param_groups[group_index])
-            p.grad = None
+                    self._update(p, self.param_groups[group_index], ok)
+                p.grad = None
+                if self._on_written is not None:
+                    self._on_written()
 
         return hook
 

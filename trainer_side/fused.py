@@ -51,23 +51,20 @@ class FusedUpdates:
         self._skipped: list[str] = []  # names whose gradient was not finite in the last backward
         self._pending: list[tuple[str, Tensor]] = []  # (name, finite flag on the device), not yet read
         self._seen = 0
-        self._grad_sq: Tensor | None = None  # of the host-checked gradients
-        self._device_norms: list[Tensor] = []  # of the device-checked ones, summed when asked for
-        self._flushes = 0
+        self._norms: list[Tensor] = []  # of every gradient checked, summed when `grad_norm` is asked for
+        self._written = False  # an update of this backward has been applied
         self._handles = optimizer.attach_backward_hooks(
-            params_by_name, guard=self._finite, bucket_elems=bucket_elems, on_flush=self._flushed
+            params_by_name, guard=self._finite, bucket_elems=bucket_elems, on_flush=self._wrote
         )
-        self._bucketed = bucket_elems > 0
 
     def reset(self) -> None:
-        self._skipped, self._pending, self._seen, self._flushes = [], [], 0, 0
-        self._grad_sq, self._device_norms = None, []
+        self._skipped, self._pending, self._seen, self._norms, self._written = [], [], 0, [], False
         self.optimizer.drop_pending_updates()  # a batch left by a backward that raised
 
-    def _flushed(self) -> None:
-        self._flushes += 1
-        if self._flushes == 1:
-            failpoint("mid_write")  # the first bucket's updates have been applied, the rest not
+    def _wrote(self) -> None:
+        if not self._written:
+            self._written = True
+            failpoint("mid_write")  # the first updates (a bucket's, or one parameter's) are applied, the rest not
 
     @property
     def skipped(self) -> list[str]:
@@ -86,30 +83,24 @@ class FusedUpdates:
     @property
     def grad_norm(self) -> float:
         """Global L2 norm of the finite gradients of the last backward."""
-        total = self._grad_sq
-        if self._device_norms:
-            norms = torch.stack(self._device_norms)
-            sq = torch.where(torch.isfinite(norms), norms, 0.0).square().sum()
-            total = sq if total is None else total + sq
-        return float(total.sqrt()) if total is not None else 0.0
+        if not self._norms:
+            return 0.0
+        norms = torch.stack(self._norms)
+        return float(torch.where(torch.isfinite(norms), norms, 0.0).square().sum().sqrt())
 
     def _finite(self, name: str, p: Tensor) -> bool | Tensor:
         """Counts the gradient's norm and allows the update only if it is finite."""
         norm = torch.linalg.vector_norm(p.grad, dtype=torch.float32)
         finite = torch.isfinite(norm)
         self._seen += 1
-        if self._seen == 2 and not self._bucketed:
-            failpoint("mid_write")  # the first parameter's update has been applied, the rest not
+        self._norms.append(norm)  # two launches per parameter; the sum waits for `grad_norm`
         on_device = p.is_cuda if self._on_device is None else self._on_device
         if on_device:
-            self._device_norms.append(norm)  # two launches per parameter; the sum waits for `grad_norm`
             self._pending.append((name, finite))
             return finite
         if not finite.item():  # one host sync per parameter
             self._skipped.append(name)
             return False
-        sq = norm.square()
-        self._grad_sq = sq if self._grad_sq is None else self._grad_sq + sq
         return True
 
     def remove(self) -> None:
