@@ -52,10 +52,9 @@ def kernel_report() -> str:
             return "absent"
 
     gdn = "flash-linear-attention " + version("fla-core") if importlib.util.find_spec("fla") else "PyTorch fallback"
-    ce = "chunked CE"
     import triton
 
-    return f"torch {torch.__version__}, Triton {triton.__version__}; Gated DeltaNet: {gdn}; weightshare loss: {ce}"
+    return f"torch {torch.__version__}, Triton {triton.__version__}; Gated DeltaNet: {gdn}; weightshare loss: chunked CE"
 
 
 def build(shape: str, checkpointing: bool):
